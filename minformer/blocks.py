@@ -1,0 +1,102 @@
+"""Transformer blocks: a sub-layer of attention, optionally cross-attention, then a feed-forward.
+
+Post-LN (Vaswani et al. 2017, sec. 5.4): x = Norm(x + Dropout(Sublayer(x))).
+Pre-LN (Xiong et al. 2020, eq. in Table 1; GPT-2): x = x + Dropout(Sublayer(Norm(x))).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minformer.attention import MultiHeadAttention
+from minformer.feedforward import FeedForward
+from minformer.norms import build_norm
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """The fields a block needs, taken from a family config by its ``block_config()``."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_ff: int
+    activation: str
+    norm: str
+    norm_eps: float
+    norm_position: str
+    attention_backend: str
+    dropout: float
+    bias: bool
+    causal: bool
+    cross_attention: bool = False
+
+
+class TransformerBlock(nn.Module):
+    """An encoder block (non-causal self-attention) or a decoder block (causal, optional cross-attention)."""
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.attn = MultiHeadAttention(
+            config.d_model,
+            config.n_heads,
+            config.n_kv_heads,
+            config.d_head,
+            bias=config.bias,
+            dropout=config.dropout,
+            backend=config.attention_backend,
+            causal=config.causal,
+        )
+        if config.cross_attention:
+            self.cross_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+            self.cross_attn = MultiHeadAttention(
+                config.d_model,
+                config.n_heads,
+                config.n_kv_heads,
+                config.d_head,
+                bias=config.bias,
+                dropout=config.dropout,
+                backend=config.attention_backend,
+            )
+        else:
+            self.cross_norm = None
+            self.cross_attn = None
+        self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def residual(self, hidden: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
+        """Apply one sub-layer with its residual connection, pre-LN or post-LN."""
+        if self.pre_norm:
+            return hidden + self.resid_dropout(sublayer(norm(hidden)))
+        return norm(hidden + self.resid_dropout(sublayer(hidden)))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ):
+        """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``."""
+        weights = []
+
+        def self_attention(normed):
+            output, attn_weights = self.attn(normed, mask=mask, return_weights=return_weights)
+            weights.append(attn_weights)
+            return output
+
+        hidden = self.residual(hidden, self.attn_norm, self_attention)
+        if self.cross_attn is not None and memory is not None:
+            hidden = self.residual(
+                hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask)[0]
+            )
+        hidden = self.residual(hidden, self.ffn_norm, self.ffn)
+        return hidden, weights[0]

@@ -1,0 +1,267 @@
+"""The ``minformer`` command line: prepare corpora, train, sample and evaluate.
+
+Config overrides are ``--section.field=value`` (for example ``--train.max_steps=500``); the
+only other flags of ``train`` say where the run lives: ``--out``, ``--resume``, ``--init-from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minformer.config import parse_override_value, preset_names
+
+PROMPT_HELP = (
+    "Text the sample continues. A prompt longer than the model's context (model.max_seq_len tokens) "
+    "is an error; while generating past the context, the model sees the last max_seq_len tokens."
+)
+
+
+def parse_overrides(extra: list[str]) -> dict:
+    """Turn ``['--train.lr=1e-3', '--data.corpus', 'x']`` into ``{'train.lr': 0.001, 'data.corpus': 'x'}``."""
+    overrides = {}
+    index = 0
+    while index < len(extra):
+        item = extra[index]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"Unrecognised argument {item!r}; config overrides have the form --section.field=value.")
+        key, has_value, value = item[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(extra):
+                raise ValueError(f"Override --{key} has no value; write --{key}=VALUE.")
+            index += 1
+            value = extra[index]
+        overrides[key] = parse_override_value(value)
+        index += 1
+    return overrides
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressDisplay:
+    """One line per logged step on stderr: step, loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self, log_interval: int):
+        self.log_interval = log_interval
+
+    def __call__(self, record: dict) -> None:
+        step, max_steps = record["step"], record["max_steps"]
+        if "tokens_per_second" not in record and "val_loss_estimate" not in record:
+            return
+        parts = [f"step {step:>6}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        if "tokens_per_second" in record:
+            rate = record["tokens_per_second"]
+            seconds_per_step = record["train_seconds"] / max(step, 1)
+            parts += [f"{rate / 1000:.1f}k tok/s", f"ETA {format_duration(seconds_per_step * (max_steps - step))}"]
+        if "val_loss_estimate" in record:
+            parts.append(f"val {record['val_loss_estimate']:.4f}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def print_summary(rows: list[tuple[str, str]], title: str) -> None:
+    """Print a box of key/value rows to stdout."""
+    width = max(len(title), *(len(key) + len(value) + 3 for key, value in rows)) + 4
+    print("+" + "-" * (width - 2) + "+")
+    print("| " + title.ljust(width - 4) + " |")
+    print("+" + "-" * (width - 2) + "+")
+    for key, value in rows:
+        print("| " + f"{key}: {value}".ljust(width - 4) + " |")
+    print("+" + "-" * (width - 2) + "+")
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def command_prepare(args) -> int:
+    from minformer.data.corpus import prepare_shakespeare, prepare_text
+
+    start = time.perf_counter()
+    if args.what == "shakespeare":
+        path = prepare_shakespeare(force=args.force)
+    else:
+        if not args.paths or not args.name:
+            raise ValueError("`minformer prepare text` needs FILE_OR_DIR... and --name NAME.")
+        path = prepare_text([Path(p) for p in args.paths], args.name, val_fraction=args.val_fraction)
+    print(f"prepared {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def command_train(args, extra: list[str]) -> int:
+    from minformer.training.config import load_run_config
+    from minformer.training.trainer import Trainer
+
+    overrides = parse_overrides(extra)
+    if args.resume:
+        if args.config or overrides or args.init_from:
+            raise ValueError("--resume RUN_DIR continues a run with its own config; give no preset, overrides or --init-from.")
+        run_dir, raw = Path(args.resume), {}
+    else:
+        if not args.config:
+            raise ValueError("Name a preset or config file to train, e.g. `minformer train gpt-shakespeare-cpu --out runs/demo`.")
+        if not args.out:
+            raise ValueError("Give the run directory with --out RUN_DIR.")
+        run_dir, raw = Path(args.out), load_run_config(args.config, overrides)
+
+    trainer = Trainer(raw, run_dir, resume=bool(args.resume), init_from=args.init_from)
+    trainer.on_log = ProgressDisplay(trainer.config.train.log_interval)
+    model_config = trainer.config.model
+    print(
+        f"training {model_config.family} ({trainer.model.num_parameters() / 1e6:.2f}M parameters) on "
+        f"{trainer.config.data.corpus}: {len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out; "
+        f"device {trainer.device}, {trainer.config.train.dtype}, {torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
+    result = trainer.run()
+    if result.interrupted:
+        print(f"interrupted: checkpoint of step {result.steps_done} written; continue with "
+              f"`minformer train --resume {run_dir}`", file=sys.stderr)
+        return 130
+
+    eval_start = time.perf_counter()
+    val_loss, val_tokens, val_per_char = trainer.evaluate()
+    eval_seconds = time.perf_counter() - eval_start
+    report = {
+        "step": result.steps_done,
+        "val_loss": val_loss,
+        "val_tokens": val_tokens,
+        "val_loss_per_char": val_per_char,
+        "n_parameters": result.n_parameters,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": result.tokens_per_second,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": eval_seconds,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print_summary(
+        [
+            ("validation loss", f"{val_loss:.4f} nats/token over all {val_tokens:,} held-out tokens"
+             + (f" ({val_per_char:.4f} nats/char)" if trainer.config.tokenizer.kind != "char" else "")),
+            ("parameters", f"{result.n_parameters:,}"),
+            ("tokens seen", f"{result.tokens_seen:,} in {result.steps_done} steps"),
+            ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
+            ("time", f"training {format_duration(result.train_seconds)}, evaluation {format_duration(eval_seconds)}"),
+            ("run directory", str(run_dir)),
+        ],
+        title="minformer train: done",
+    )
+    return 0
+
+
+def command_sample(args) -> int:
+    from minformer.generation import generate
+    from minformer.runs import load
+
+    model, tokenizer = load(args.run_dir)
+    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.encode("\n")
+    if len(prompt_ids) > model.config.max_seq_len:
+        raise ValueError(
+            f"The prompt has {len(prompt_ids)} tokens but the model's context is {model.config.max_seq_len}; shorten it."
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def stream(token):
+        sys.stdout.write(tokenizer.decode([int(token[0])]))
+        sys.stdout.flush()
+
+    generate(
+        model,
+        torch.tensor([prompt_ids]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=generator,
+        on_token=stream,
+    )
+    sys.stdout.write("\n")
+    return 0
+
+
+def command_eval(args) -> int:
+    from minformer.data.corpus import load_corpus
+    from minformer.data.datasets import evaluate_loss, evaluation_windows
+    from minformer.runs import load, read_run_config
+    from minformer.training.trainer import start_ids
+
+    config = read_run_config(args.run_dir)
+    model, tokenizer = load(args.run_dir)
+    text = load_corpus(config.data.corpus).text("val")
+    inputs, targets = evaluation_windows(tokenizer.encode_array(text), model.config.max_seq_len, start_ids(tokenizer))
+    nats, tokens = evaluate_loss(model, inputs, targets, 32, "cpu")
+    print(f"validation loss: {nats / tokens:.4f} nats/token over {tokens:,} tokens "
+          f"({nats / len(text):.4f} nats/char over {len(text):,} characters) of {config.data.corpus}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minformer", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="fetch and prepare a corpus")
+    prepare.add_argument("what", choices=["shakespeare", "text"], help="the built-in corpus, or your own text")
+    prepare.add_argument("paths", nargs="*", help="with `text`: UTF-8 files or folders of *.txt")
+    prepare.add_argument("--name", help="with `text`: the corpus name, used as --data.corpus=NAME")
+    prepare.add_argument("--val-fraction", type=float, default=0.1,
+                         help="share of files (or of a single file's characters) held out (default 0.1)")
+    prepare.add_argument("--force", action="store_true", help="prepare again even if the cache is complete")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model from a preset or config file",
+        description="Train from a preset (" + ", ".join(preset_names()) + ") or a YAML config file. "
+        "Override any field with --section.field=value, e.g. --train.max_steps=500 --train.dtype=bfloat16.",
+    )
+    train.add_argument("config", nargs="?", help="preset name or path to a YAML config file")
+    train.add_argument("--out", help="run directory to create")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--init-from", metavar="HF_DIR", help="start from a Hugging Face GPT-2 directory and its tokenizer")
+
+    sample = commands.add_parser("sample", help="generate text from a trained run")
+    sample.add_argument("run_dir")
+    sample.add_argument("--prompt", default="", help=PROMPT_HELP)
+    sample.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1.0)")
+    sample.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    sample.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of mass >= p")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+
+    evaluate = commands.add_parser("eval", help="print the exact validation loss of a run")
+    evaluate.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "train":
+            return command_train(args, extra)
+        if extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        if args.command == "prepare":
+            return command_prepare(args)
+        if args.command == "sample":
+            return command_sample(args)
+        if args.command == "eval":
+            return command_eval(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"minformer: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Config plumbing shared by every family: validated frozen dataclasses, YAML presets, overrides.
+
+A config file is YAML with the sections ``model`` (which names its ``family``), ``data``,
+``tokenizer``, ``objective`` and ``train``. Presets are such files shipped as package data in
+``minformer/configs/NAME.yaml``. Overrides are ``section.field=value`` strings; an unknown
+section or field raises a ``ValueError`` that lists the close matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONFIG_FORMAT_VERSION = 1
+SECTIONS = ("model", "data", "tokenizer", "objective", "train")
+
+
+def close_matches_hint(name: str, candidates) -> str:
+    """Return a ' Did you mean ...?' suffix naming the candidates closest to ``name``."""
+    matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    if not matches:
+        return ""
+    return " Did you mean " + " or ".join(repr(match) for match in matches) + "?"
+
+
+def check_choice(field: str, value: Any, allowed) -> None:
+    """Raise a ``ValueError`` naming ``field`` when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def check_positive(field: str, value: Any, allow_zero: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``field`` unless ``value`` is a positive (or non-negative) number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}={value!r} is invalid; expected a number.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{field}={value!r} is invalid; it must be {bound}.")
+
+
+def check_int(field: str, value: Any, minimum: int = 1) -> None:
+    """Raise a ``ValueError`` naming ``field`` unless ``value`` is an integer of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}={value!r} is invalid; expected an integer.")
+    if value < minimum:
+        raise ValueError(f"{field}={value!r} is invalid; it must be at least {minimum}.")
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], section: str):
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys with close matches."""
+    field_names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in field_names:
+            hint = close_matches_hint(key, field_names)
+            raise ValueError(f"Unknown field '{section}.{key}'.{hint} Known fields: {', '.join(field_names)}.")
+    return cls(**dict(values))
+
+
+def preset_names() -> list[str]:
+    """List the names of every preset shipped in ``minformer/configs``."""
+    folder = resources.files("minformer") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config_file(name_or_path: str | Path) -> dict:
+    """Load a preset by name, or a YAML config file by path, as a plain dict."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"Config file not found: {path}.")
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    else:
+        names = preset_names()
+        if str(name_or_path) not in names:
+            hint = close_matches_hint(str(name_or_path), names)
+            raise ValueError(f"Unknown preset {str(name_or_path)!r}.{hint} Available presets: {', '.join(names)}.")
+        text = (resources.files("minformer") / "configs" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
+        source = f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"Invalid YAML in {source}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must contain a mapping of sections, found {type(data).__name__}.")
+    for section in data:
+        if section not in SECTIONS and section != "format_version":
+            hint = close_matches_hint(str(section), SECTIONS)
+            raise ValueError(f"Unknown section {section!r} in {source}.{hint} Sections: {', '.join(SECTIONS)}.")
+    return data
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse the value of a ``--section.field=value`` override with YAML scalar rules."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(config: dict, overrides: Mapping[str, Any], known_fields: Mapping[str, list[str]]) -> dict:
+    """Return a copy of ``config`` with ``{'section.field': value}`` overrides applied.
+
+    ``known_fields`` maps each section to its field names, so that a typo fails here with the
+    close matches instead of being silently ignored.
+    """
+    result = {section: dict(config.get(section) or {}) for section in SECTIONS}
+    for dotted, value in overrides.items():
+        section, _, field = dotted.partition(".")
+        if section not in known_fields:
+            hint = close_matches_hint(section, known_fields)
+            raise ValueError(f"Unknown section {section!r} in override '--{dotted}'.{hint}")
+        if not field:
+            raise ValueError(f"Override '--{dotted}' must have the form --section.field=value.")
+        if field not in known_fields[section]:
+            hint = close_matches_hint(field, known_fields[section])
+            raise ValueError(f"Unknown field '{section}.{field}' in override '--{dotted}'.{hint}")
+        result[section][field] = value
+    return result

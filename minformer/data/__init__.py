@@ -1,0 +1,1 @@
+"""Data for training: corpora, tokenizers, datasets and training objectives."""

@@ -1,0 +1,91 @@
+"""Causal language-modelling data: random training windows and the exact validation pass.
+
+Training draws windows of ``context + 1`` tokens at uniformly random offsets of the training
+token stream, from a seeded ``torch.Generator``; the generator's state is the data position
+that a checkpoint stores, so a resumed run draws the same batches. Validation covers the
+held-out stream in non-overlapping windows, so every held-out token is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class RandomWindows:
+    """Batches of (inputs, targets), each (batch, context), from random offsets of ``tokens``."""
+
+    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int):
+        if len(tokens) < context + 1:
+            raise ValueError(
+                f"The training split has {len(tokens)} tokens, fewer than one window of context+1={context + 1}; "
+                "use more text or a smaller model.max_seq_len."
+            )
+        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.context = context
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.window_offsets = torch.arange(context + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one batch; advances the generator."""
+        starts = torch.randint(0, len(self.tokens) - self.context, (self.batch_size,), generator=self.generator)
+        windows = self.tokens[starts[:, None] + self.window_offsets]  # (batch, context + 1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def evaluation_windows(tokens: np.ndarray, context: int, start_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a held-out stream into non-overlapping windows that predict every token once.
+
+    ``start_ids`` are prepended as the context of the first token (a newline for character
+    models, the end-of-text id for BPE), so that no held-out token goes unpredicted. The last
+    window is padded with target -100, which the loss ignores. Returns (inputs, targets), each
+    (n_windows, context).
+    """
+    stream = torch.from_numpy(np.concatenate([np.asarray(start_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64)]))
+    n_targets = len(stream) - 1
+    if n_targets <= 0:
+        raise ValueError("The validation split is empty; prepare a corpus with held-out text.")
+    n_windows = math.ceil(n_targets / context)
+    padded_length = n_windows * context + 1
+    padded = torch.full((padded_length,), -100, dtype=torch.int64)
+    padded[: len(stream)] = stream
+    inputs = padded[:-1].view(n_windows, context).clone()
+    targets = padded[1:].view(n_windows, context).clone()
+    inputs[inputs < 0] = 0  # padding inputs only feed positions whose targets are ignored
+    return inputs, targets
+
+
+@torch.no_grad()
+def evaluate_loss(model, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device, autocast_dtype=None):
+    """Sum of next-token negative log-likelihoods (nats) and the number of predicted tokens.
+
+    The model runs in eval mode; its previous mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total_nats = 0.0
+    total_tokens = 0
+    try:
+        for start in range(0, len(inputs), batch_size):
+            batch_inputs = inputs[start : start + batch_size].to(device)
+            batch_targets = targets[start : start + batch_size].to(device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(batch_inputs).logits
+            nats = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), batch_targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_nats += float(nats)
+            total_tokens += int((batch_targets != -100).sum())
+    finally:
+        model.train(was_training)
+    return total_nats, total_tokens

@@ -1,0 +1,22 @@
+"""Model families composed from minformer's components, and the registry that picks one by name."""
+
+from minformer.models.gpt import GPT, GPTConfig, ModelOutput
+
+# family name -> (config class, model class); a run's config.yaml names its family.
+FAMILIES = {"gpt": (GPTConfig, GPT)}
+
+
+def config_from_dict(model_section: dict):
+    """Build the config of the family named by ``model_section['family']``."""
+    family = model_section.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r} is invalid; allowed values: {', '.join(map(repr, FAMILIES))}.")
+    return FAMILIES[family][0].from_dict(model_section)
+
+
+def build_model(config):
+    """Build the model class that matches ``config``'s family."""
+    return FAMILIES[config.family][1](config)
+
+
+__all__ = ["FAMILIES", "GPT", "GPTConfig", "ModelOutput", "build_model", "config_from_dict"]

@@ -1,0 +1,256 @@
+"""GPT: a decoder-only Transformer language model (Radford et al. 2018, 2019).
+
+tokens -> token embedding (+ absolute positions) -> n_layers causal blocks -> final norm -> logits,
+with the output layer tied to the token embedding (Press & Wolf 2017). GPT-2 initialisation:
+weights ~ N(0, 0.02), and the projections that write into the residual stream scaled by
+1/sqrt(2 * n_layers) (Radford et al. 2019, sec. 2.3), since each block adds two of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minformer.attention import BACKENDS, padding_mask
+from minformer.blocks import BlockConfig, TransformerBlock
+from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_config_file
+from minformer.feedforward import ACTIVATIONS
+from minformer.norms import NORMS, build_norm
+from minformer.positions import POSITIONS, build_absolute_positions
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of a GPT, in the vocabulary every minformer family shares."""
+
+    vocab_size: int = 50257
+    """Number of token ids."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (size of the learned position table)."""
+    d_model: int = 768
+    """Width of the residual stream."""
+    n_layers: int = 12
+    """Number of decoder blocks."""
+    n_heads: int = 12
+    """Number of query heads."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads; n_heads (MHA) when unset, 1 for MQA, in between for GQA."""
+    d_head: int | None = None
+    """Width of each head; d_model // n_heads when unset."""
+    d_ff: int | None = None
+    """Inner width of the feed-forward network; 4 * d_model when unset."""
+    activation: str = "gelu_tanh"
+    """Feed-forward activation: one of minformer.feedforward.ACTIVATIONS."""
+    norm: str = "layernorm"
+    """Normalisation: layernorm or rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance in every norm."""
+    norm_position: str = "pre"
+    """pre (GPT-2) or post (the 2017 Transformer) layer norm."""
+    position: str = "learned"
+    """Position scheme: one of minformer.positions.POSITIONS."""
+    attention_backend: str = "sdpa"
+    """naive (materialises the weights) or sdpa (PyTorch's fused kernel)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches during training."""
+    bias: bool = True
+    """Whether linear layers and layer norms have biases."""
+    tie_embeddings: bool = True
+    """Whether the output layer shares its weight with the token embedding."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+
+    family = "gpt"
+
+    def __post_init__(self):
+        check_int("vocab_size", self.vocab_size)
+        check_int("max_seq_len", self.max_seq_len)
+        check_int("d_model", self.d_model)
+        check_int("n_layers", self.n_layers)
+        check_int("n_heads", self.n_heads)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        check_int("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}: "
+                "each key/value head serves a whole group of query heads."
+            )
+        if self.d_head is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "choose a divisible pair or set d_head explicitly."
+                )
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        check_int("d_head", self.d_head)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        check_int("d_ff", self.d_ff)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("norm", self.norm, NORMS)
+        check_positive("norm_eps", self.norm_eps)
+        check_choice("norm_position", self.norm_position, ("pre", "post"))
+        check_choice("position", self.position, POSITIONS)
+        check_choice("attention_backend", self.attention_backend, BACKENDS)
+        check_positive("dropout", self.dropout, allow_zero=True)
+        if self.dropout >= 1.0:
+            raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
+        check_choice("bias", self.bias, (True, False))
+        check_choice("tie_embeddings", self.tie_embeddings, (True, False))
+        check_positive("init_std", self.init_std)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        """Build from a ``model`` section; its ``family`` key, if present, must be ``gpt``."""
+        values = dict(values)
+        family = values.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"model.family={family!r} does not match GPTConfig (family 'gpt').")
+        return dataclass_from_dict(cls, values, "model")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """Return the ``model`` section of preset ``name``, with field overrides applied."""
+        model_section = dict(load_config_file(name).get("model") or {})
+        model_section.update(overrides)
+        if model_section.get("vocab_size") is None:
+            raise ValueError(
+                f"Preset {name!r} takes vocab_size from its tokenizer; pass it, "
+                f"e.g. GPTConfig.from_preset({name!r}, vocab_size=tokenizer.vocab_size)."
+            )
+        return cls.from_dict(model_section)
+
+    def to_dict(self) -> dict:
+        """Return the config as a ``model`` section, with its family."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    def block_config(self) -> BlockConfig:
+        """The per-block fields: causal self-attention, no cross-attention."""
+        return BlockConfig(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            d_head=self.d_head,
+            d_ff=self.d_ff,
+            activation=self.activation,
+            norm=self.norm,
+            norm_eps=self.norm_eps,
+            norm_position=self.norm_position,
+            attention_backend=self.attention_backend,
+            dropout=self.dropout,
+            bias=self.bias,
+            causal=True,
+        )
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns: logits (batch, seq, vocab), the mean loss when targets are
+    given, and the attention weights per layer when requested (naive backend only)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    attentions: list[torch.Tensor] | None = None
+
+
+class GPT(nn.Module):
+    """Decoder-only language model built from ``GPTConfig``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = build_absolute_positions(config.position, config.max_seq_len, config.d_model)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(config.block_config()) for _ in range(config.n_layers))
+        self.final_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std) everywhere, residual projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(self.position_embedding, nn.Module) and hasattr(self.position_embedding, "weight"):
+            nn.init.normal_(self.position_embedding.weight, mean=0.0, std=std)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ffn.fc_out.weight, mean=0.0, std=residual_std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Count parameters once each (tied weights once); ``non_embedding`` leaves out embedding tables."""
+        unique = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in unique.values())
+        if non_embedding:
+            total -= self.token_embedding.weight.numel()
+            if isinstance(self.position_embedding, nn.Module) and hasattr(self.position_embedding, "weight"):
+                total -= self.position_embedding.weight.numel()
+        return total
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raise a ``ValueError`` for token ids, lengths or masks the model cannot take."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+        if input_ids.size(1) > self.config.max_seq_len:
+            raise ValueError(
+                f"Sequence length {input_ids.size(1)} exceeds max_seq_len={self.config.max_seq_len}; "
+                "crop the input to the last max_seq_len tokens."
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
+            raise ValueError(f"Token id {bad} is outside the vocabulary of vocab_size={self.config.vocab_size}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} "
+                "(batch, seq) like input_ids."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_attentions: bool = False,
+    ) -> ModelOutput:
+        """Return next-token logits for ``input_ids`` (batch, seq).
+
+        ``attention_mask`` (batch, seq) marks real tokens with 1 and padding with 0; ``targets``
+        (batch, seq) with -100 for ignored positions gives the mean cross-entropy loss.
+        """
+        self.check_inputs(input_ids, attention_mask)
+        seq_len = input_ids.size(1)
+        hidden = self.token_embedding(input_ids)  # (batch, seq, d_model)
+        if self.position_embedding is not None:
+            if position_ids is None:
+                position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+            hidden = hidden + self.position_embedding(position_ids)
+        hidden = self.embed_dropout(hidden)
+
+        mask = padding_mask(attention_mask) if attention_mask is not None else None
+        attentions = []
+        for block in self.blocks:
+            hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions)
+            attentions.append(attn_weights)
+        hidden = self.final_norm(hidden)
+        logits = self.lm_head(hidden)  # (batch, seq, vocab)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, attentions=attentions if return_attentions else None)

@@ -1,0 +1,204 @@
+"""The run config: a model section plus the data, tokenizer, objective and train sections.
+
+Every field below is a config field that a YAML file or a ``--section.field=value`` override sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from minformer.config import (
+    CONFIG_FORMAT_VERSION,
+    SECTIONS,
+    apply_overrides,
+    check_choice,
+    check_int,
+    check_positive,
+    dataclass_from_dict,
+    load_config_file,
+)
+from minformer.models import FAMILIES, config_from_dict
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which prepared corpus to train and evaluate on."""
+
+    corpus: str = "shakespeare"
+    """Name of a corpus made by `minformer prepare` (shakespeare, shakespeare-folio, or your own)."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How text becomes token ids."""
+
+    kind: str = "char"
+    """char (one id per character of the corpus) or bpe (byte-level BPE trained on the corpus)."""
+    vocab_size: int = 4096
+    """Target vocabulary size when kind is bpe; ignored for char."""
+
+    def __post_init__(self):
+        check_choice("tokenizer.kind", self.kind, ("char", "bpe"))
+        check_int("tokenizer.vocab_size", self.vocab_size, minimum=257)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training objective."""
+
+    kind: str = "causal_lm"
+    """causal_lm: predict each next token."""
+
+    def __post_init__(self):
+        check_choice("objective.kind", self.kind, ("causal_lm",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, evaluation and checkpointing."""
+
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)."""
+    dtype: str = "float32"
+    """float32, or bfloat16 (autocast: matrix multiplies in bf16, weights and optimizer in fp32)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    seed: int = 1337
+    """Seed of the parameter initialisation, batch sampling and dropout."""
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 2000
+    """Optimizer steps in the whole run."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not biases, norms or embeddings' ... see optim)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.99
+    """AdamW second-moment decay."""
+    grad_clip: float = 1.0
+    """Largest global gradient norm; 0 disables clipping."""
+    eval_interval: int = 250
+    """Steps between validation estimates (and checkpoints)."""
+    eval_windows: int = 100
+    """Validation windows used by the periodic estimate; the final evaluation uses every window."""
+    checkpoint_interval: int = 250
+    """Steps between checkpoints; 0 writes only the final one."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints stay on disk."""
+    log_interval: int = 10
+    """Steps between progress lines and metrics.jsonl records."""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default (one per core)."""
+
+    def __post_init__(self):
+        check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("train.compile", self.compile, (True, False))
+        check_int("train.seed", self.seed, minimum=0)
+        check_int("train.batch_size", self.batch_size)
+        check_int("train.grad_accum_steps", self.grad_accum_steps)
+        check_int("train.max_steps", self.max_steps)
+        check_positive("train.lr", self.lr)
+        check_positive("train.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is larger than train.lr={self.lr}.")
+        check_int("train.warmup_steps", self.warmup_steps, minimum=0)
+        check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            check_positive(f"train.{name}", value, allow_zero=True)
+            if value >= 1:
+                raise ValueError(f"train.{name}={value} is invalid; it must be in [0, 1).")
+        check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        check_int("train.eval_interval", self.eval_interval)
+        check_int("train.eval_windows", self.eval_windows)
+        check_int("train.checkpoint_interval", self.checkpoint_interval, minimum=0)
+        check_int("train.keep_checkpoints", self.keep_checkpoints)
+        check_int("train.log_interval", self.log_interval)
+        check_int("train.threads", self.threads, minimum=0)
+        if not isinstance(self.device, str) or not self.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"train.device={self.device!r} is invalid; allowed: auto, cpu, cuda, cuda:N, mps.")
+
+
+SECTION_CLASSES = {
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: the model config of one family and the four other sections."""
+
+    model: object
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    objective: ObjectiveConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        """The resolved config as written to a run's config.yaml."""
+        return {
+            "format_version": CONFIG_FORMAT_VERSION,
+            "model": self.model.to_dict(),
+            **{name: dataclasses.asdict(getattr(self, name)) for name in SECTION_CLASSES},
+        }
+
+    def save(self, path: Path) -> None:
+        """Write config.yaml atomically (temporary file, then rename)."""
+        from minformer.training.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def known_fields(model_section: dict) -> dict[str, list[str]]:
+    """Field names per section, the model's taken from its family's config class."""
+    family = model_section.get("family", "gpt")
+    model_class = FAMILIES.get(family, FAMILIES["gpt"])[0]
+    fields = {"model": ["family"] + [f.name for f in dataclasses.fields(model_class)]}
+    for name, cls in SECTION_CLASSES.items():
+        fields[name] = [f.name for f in dataclasses.fields(cls)]
+    return fields
+
+
+def resolve_run_config(raw: dict, overrides: dict | None = None, vocab_size: int | None = None) -> RunConfig:
+    """Validate a raw config dict (with overrides) into a ``RunConfig``.
+
+    ``vocab_size`` fills ``model.vocab_size`` when the file leaves it unset (char-level presets
+    take it from the tokenizer built on the corpus).
+    """
+    raw = {key: value for key, value in raw.items() if key != "format_version"}
+    if "model" not in raw or not raw["model"]:
+        raise ValueError("The config has no 'model' section; it must name at least model.family.")
+    merged = apply_overrides(raw, overrides or {}, known_fields(raw["model"]))
+    model_section = dict(merged["model"])
+    if model_section.get("vocab_size") is None:
+        if vocab_size is None:
+            raise ValueError("model.vocab_size is unset; it is taken from the tokenizer once one is built.")
+        model_section["vocab_size"] = vocab_size
+    sections = {
+        name: dataclass_from_dict(cls, merged.get(name) or {}, name) for name, cls in SECTION_CLASSES.items()
+    }
+    return RunConfig(model=config_from_dict(model_section), **sections)
+
+
+def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
+    """Load a preset or YAML file and check its overrides; returns the raw merged dict."""
+    raw = load_config_file(name_or_path)
+    if "model" not in raw:
+        raise ValueError(f"{name_or_path} has no 'model' section.")
+    merged = apply_overrides(raw, overrides or {}, known_fields(raw["model"]))
+    return {section: merged[section] for section in SECTIONS}

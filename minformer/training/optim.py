@@ -1,0 +1,41 @@
+"""AdamW with decoupled weight decay on matrices only, and the warm-up + cosine learning-rate schedule.
+
+AdamW: Loshchilov & Hutter 2019, Algorithm 2. Weight decay applies to the weight matrices of
+linear layers and embeddings (tensors with two or more dimensions); biases and norm gains are
+not decayed, since shrinking them toward zero has no regularising meaning.
+Schedule: linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``
+at ``max_steps`` (Loshchilov & Hutter 2017, eq. 5, a single cycle).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """Return AdamW with two parameter groups: matrices (decayed) and everything else (not decayed)."""
+    decayed, not_decayed = [], []
+    seen = set()
+    for parameter in model.parameters():
+        if not parameter.requires_grad or id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        (decayed if parameter.dim() >= 2 else not_decayed).append(parameter)
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": not_decayed, "weight_decay": 0.0},
+    ]
+    # foreach=True is the multi-tensor path that exists on every device.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine decay to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minformer.cache import LayerKVCache
+from minformer.positions import Rotation
+
 BACKENDS = ("naive", "sdpa")
 
 
@@ -49,14 +52,16 @@ def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
     return combined
 
 
-def naive_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, return_weights=False):
+def naive_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, return_weights=False, bias=None):
     """Attention by eq. 1 with the weights materialised.
 
     Shapes: queries (batch, heads, q_len, head_dim); keys and values (batch, heads, k_len, head_dim);
-    mask broadcastable to (batch, heads, q_len, k_len), True = attend.
+    mask broadcastable to (batch, heads, q_len, k_len), True = attend; bias (float) likewise.
     """
     scale = 1.0 / math.sqrt(queries.size(-1)) if scale is None else scale
     attn_scores = torch.matmul(queries, keys.transpose(-2, -1)) * scale  # (batch, heads, q_len, k_len)
+    if bias is not None:
+        attn_scores = attn_scores + bias.to(attn_scores.dtype)
     if mask is not None:
         # The most negative finite value, not -inf, keeps a fully masked row finite (softmax of
         # equal scores); multiplying by the mask afterwards turns that row into zeros.
@@ -70,10 +75,18 @@ def naive_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0,
     return (output, attn_weights) if return_weights else (output, None)
 
 
-def sdpa_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, is_causal=False):
-    """Attention through ``torch.nn.functional.scaled_dot_product_attention``."""
+def sdpa_attention(queries, keys, values, mask=None, scale=None, dropout_p=0.0, is_causal=False, bias=None):
+    """Attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    A score ``bias`` goes in as a float ``attn_mask``, with masked positions set to the most
+    negative finite value (not -inf, which would make a fully masked row NaN).
+    """
+    attn_mask = mask
+    if bias is not None:
+        bias = bias.to(queries.dtype)
+        attn_mask = bias if mask is None else torch.where(mask, bias, torch.finfo(queries.dtype).min)
     output = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
     if mask is not None:
         # A fully masked query gives NaN in some fused kernels; the contract here is zeros.
@@ -94,11 +107,14 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     backend: str = "sdpa",
     return_weights: bool = False,
+    bias: torch.Tensor | None = None,
 ):
     """Compute eq. 1 with the chosen backend; returns ``(output, attn_weights or None)``.
 
-    ``causal`` adds the causal mask aligned to the last key. ``return_weights`` requires the
-    ``naive`` backend, the only one that materialises the weights.
+    ``causal`` adds the causal mask aligned to the last key. ``bias``, a float tensor
+    broadcastable to (batch, heads, q_len, k_len), is added to the scaled scores before the
+    softmax (ALiBi, T5 relative positions). ``return_weights`` requires the ``naive`` backend,
+    the only one that materialises the weights.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} is invalid; allowed values: {', '.join(BACKENDS)}.")
@@ -106,15 +122,15 @@ def scaled_dot_product_attention(
     if return_weights and backend != "naive":
         raise ValueError("return_weights=True needs attention_backend='naive'; the fused kernels never form the weights.")
 
-    if backend == "sdpa" and causal and mask is None and q_len == k_len:
+    if backend == "sdpa" and causal and mask is None and bias is None and q_len == k_len:
         # The fused kernel's own causal path is the fastest; it aligns top-left, which is the same
         # as bottom-right only when q_len == k_len.
         return sdpa_attention(queries, keys, values, scale=scale, dropout_p=dropout_p, is_causal=True), None
 
     full_mask = combine_masks(mask, causal_mask(q_len, k_len, queries.device) if causal else None)
     if backend == "naive":
-        return naive_attention(queries, keys, values, full_mask, scale, dropout_p, return_weights)
-    return sdpa_attention(queries, keys, values, full_mask, scale, dropout_p), None
+        return naive_attention(queries, keys, values, full_mask, scale, dropout_p, return_weights, bias)
+    return sdpa_attention(queries, keys, values, full_mask, scale, dropout_p, bias=bias), None
 
 
 class MultiHeadAttention(nn.Module):
@@ -159,12 +175,27 @@ class MultiHeadAttention(nn.Module):
         memory: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         return_weights: bool = False,
+        bias: torch.Tensor | None = None,
+        rotation: Rotation | None = None,
+        kv_cache: LayerKVCache | None = None,
     ):
-        """Attend from ``hidden`` (batch, q_len, d_model); returns ``(output, attn_weights or None)``."""
+        """Attend from ``hidden`` (batch, q_len, d_model); returns ``(output, attn_weights or None)``.
+
+        ``bias`` is added to the scores (see ``scaled_dot_product_attention``); ``rotation``
+        rotates queries and keys (RoPE). With ``kv_cache`` the new keys and values are appended to
+        the cache and the queries attend over every cached position; ``mask`` then covers the
+        cached and new keys.
+        """
         source = hidden if memory is None else memory
         queries = self.split_heads(self.q_proj(hidden), self.n_heads)  # (batch, heads, q_len, d_head)
-        keys = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (batch, kv_heads, k_len, d_head)
+        keys = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (batch, kv_heads, new_len, d_head)
         values = self.split_heads(self.v_proj(source), self.n_kv_heads)
+
+        if rotation is not None:
+            queries = rotation.apply(queries)
+            keys = rotation.apply(keys)
+        if kv_cache is not None:
+            keys, values = kv_cache.append(keys, values)  # (batch, kv_heads, k_len, d_head)
 
         if self.n_kv_heads != self.n_heads:
             group_size = self.n_heads // self.n_kv_heads
@@ -181,6 +212,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
             return_weights=return_weights,
+            bias=bias,
         )
         batch, _, q_len, _ = context.shape
         context = context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head)

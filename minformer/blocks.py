@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from minformer.attention import MultiHeadAttention
+from minformer.cache import LayerKVCache
 from minformer.feedforward import FeedForward
 from minformer.norms import build_norm
+from minformer.positions import Rotation
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,20 @@ class TransformerBlock(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         return_weights: bool = False,
+        bias: torch.Tensor | None = None,
+        rotation: Rotation | None = None,
+        kv_cache: LayerKVCache | None = None,
     ):
-        """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``."""
+        """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``.
+
+        ``bias``, ``rotation`` and ``kv_cache`` reach the self-attention only.
+        """
         weights = []
 
         def self_attention(normed):
-            output, attn_weights = self.attn(normed, mask=mask, return_weights=return_weights)
+            output, attn_weights = self.attn(
+                normed, mask=mask, return_weights=return_weights, bias=bias, rotation=rotation, kv_cache=kv_cache
+            )
             weights.append(attn_weights)
             return output
 

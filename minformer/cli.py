@@ -226,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="preset name or path to a YAML config file")
     train.add_argument("--out", help="run directory to create")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    train.add_argument("--init-from", metavar="HF_DIR", help="start from a Hugging Face GPT-2 directory and its tokenizer")
+    train.add_argument(
+        "--init-from",
+        metavar="HF_DIR",
+        help="start from a Hugging Face GPT-2 directory (config.json, weights, and tokenizer.json or vocab.json + "
+        "merges.txt); the model shape comes from its config.json, and only model.attention_backend and "
+        "model.dropout are taken from the preset or overrides",
+    )
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
     sample.add_argument("run_dir")

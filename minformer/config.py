@@ -21,8 +21,15 @@ SECTIONS = ("model", "data", "tokenizer", "objective", "train")
 
 
 def close_matches_hint(name: str, candidates) -> str:
-    """Return a ' Did you mean ...?' suffix naming the candidates closest to ``name``."""
-    matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    """Return a ' Did you mean ...?' suffix naming the candidates closest to ``name``.
+
+    A candidate that is the initials of ``name``'s words also matches (``learning_rate`` finds ``lr``).
+    """
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    initials = "".join(word[0] for word in name.split("_") if word)
+    if len(initials) > 1 and initials in candidates and initials not in matches:
+        matches.insert(0, initials)
     if not matches:
         return ""
     return " Did you mean " + " or ".join(repr(match) for match in matches) + "?"

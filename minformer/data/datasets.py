@@ -53,7 +53,7 @@ def evaluation_windows(tokens: np.ndarray, context: int, start_ids: list[int]) -
     """
     stream = torch.from_numpy(np.concatenate([np.asarray(start_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64)]))
     n_targets = len(stream) - 1
-    if n_targets <= 0:
+    if len(tokens) == 0:
         raise ValueError("The validation split is empty; prepare a corpus with held-out text.")
     n_windows = math.ceil(n_targets / context)
     padded_length = n_windows * context + 1
@@ -62,6 +62,8 @@ def evaluation_windows(tokens: np.ndarray, context: int, start_ids: list[int]) -
     inputs = padded[:-1].view(n_windows, context).clone()
     targets = padded[1:].view(n_windows, context).clone()
     inputs[inputs < 0] = 0  # padding inputs only feed positions whose targets are ignored
+    # Start ids after the first are context, not held-out text, so they are never scored.
+    targets.view(-1)[: max(len(start_ids) - 1, 0)] = -100
     return inputs, targets
 
 

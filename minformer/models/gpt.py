@@ -21,7 +21,14 @@ from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_config_file
 from minformer.feedforward import ACTIVATIONS
 from minformer.norms import NORMS, build_norm
-from minformer.positions import POSITIONS, build_absolute_positions
+from minformer.cache import KVCache
+from minformer.positions import (
+    POSITIONS,
+    ROPE_SCALINGS,
+    build_absolute_positions,
+    build_rotary,
+    build_score_bias,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,24 @@ class GPTConfig:
     """pre (GPT-2) or post (the 2017 Transformer) layer norm."""
     position: str = "learned"
     """Position scheme: one of minformer.positions.POSITIONS."""
+    rope_base: float = 10000.0
+    """RoPE: base of the rotation frequencies base^(-2i/d_head)."""
+    rope_interleaved: bool = False
+    """RoPE: rotate adjacent feature pairs (2i, 2i+1) instead of the halves (i, i + d_head/2)."""
+    rope_scaling: str | None = None
+    """RoPE context extension, fixed at construction: None, linear, ntk or yarn."""
+    rope_scaling_factor: float = 1.0
+    """RoPE: context-extension factor (extended context / trained context); 1.0 without scaling."""
+    rope_original_max_seq_len: int | None = None
+    """RoPE with yarn scaling: the context length the model was trained on."""
+    rope_yarn_beta_fast: float = 32.0
+    """YaRN: frequencies turning more often than this over the original context are kept."""
+    rope_yarn_beta_slow: float = 1.0
+    """YaRN: frequencies turning less often than this over the original context are interpolated."""
+    t5_num_buckets: int = 32
+    """T5 relative positions: number of distance buckets."""
+    t5_max_distance: int = 128
+    """T5 relative positions: distance from which all keys share the last bucket."""
     attention_backend: str = "sdpa"
     """naive (materialises the weights) or sdpa (PyTorch's fused kernel)."""
     dropout: float = 0.0
@@ -97,6 +122,7 @@ class GPTConfig:
         check_positive("norm_eps", self.norm_eps)
         check_choice("norm_position", self.norm_position, ("pre", "post"))
         check_choice("position", self.position, POSITIONS)
+        self.check_position_options()
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         check_positive("dropout", self.dropout, allow_zero=True)
         if self.dropout >= 1.0:
@@ -104,6 +130,51 @@ class GPTConfig:
         check_choice("bias", self.bias, (True, False))
         check_choice("tie_embeddings", self.tie_embeddings, (True, False))
         check_positive("init_std", self.init_std)
+
+    def check_position_options(self) -> None:
+        """Raise a ``ValueError`` for invalid ``rope_*`` and ``t5_*`` fields."""
+        check_positive("rope_base", self.rope_base)
+        if self.rope_base <= 1.0:
+            raise ValueError(f"rope_base={self.rope_base!r} is invalid; it must be greater than 1.")
+        check_choice("rope_interleaved", self.rope_interleaved, (True, False))
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check_positive("rope_scaling_factor", self.rope_scaling_factor)
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} needs position='rope', not {self.position!r}.")
+        if self.rope_scaling is None and self.rope_scaling_factor != 1.0:
+            raise ValueError(
+                f"rope_scaling_factor={self.rope_scaling_factor!r} has no effect without rope_scaling; "
+                "set rope_scaling to 'linear', 'ntk' or 'yarn', or leave the factor at 1.0."
+            )
+        if self.rope_scaling is not None and self.rope_scaling_factor < 1.0:
+            raise ValueError(
+                f"rope_scaling_factor={self.rope_scaling_factor!r} is invalid; a context extension needs at least 1.0."
+            )
+        if self.rope_original_max_seq_len is not None:
+            check_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
+        if (self.rope_scaling == "yarn") != (self.rope_original_max_seq_len is not None):
+            raise ValueError(
+                f"rope_original_max_seq_len={self.rope_original_max_seq_len!r} is invalid with "
+                f"rope_scaling={self.rope_scaling!r}; set it exactly when rope_scaling='yarn'."
+            )
+        check_positive("rope_yarn_beta_fast", self.rope_yarn_beta_fast)
+        check_positive("rope_yarn_beta_slow", self.rope_yarn_beta_slow)
+        if self.rope_yarn_beta_fast <= self.rope_yarn_beta_slow:
+            raise ValueError(
+                f"rope_yarn_beta_fast={self.rope_yarn_beta_fast!r} must be greater than "
+                f"rope_yarn_beta_slow={self.rope_yarn_beta_slow!r}."
+            )
+        if self.position == "rope" and self.d_head % 2 != 0:
+            raise ValueError(f"d_head={self.d_head} is invalid with position='rope'; rotary pairs need an even d_head.")
+        if self.rope_scaling == "ntk" and self.d_head < 4:
+            raise ValueError(f"d_head={self.d_head} is invalid with rope_scaling='ntk'; the exponent d/(d-2) needs d_head >= 4.")
+        check_int("t5_num_buckets", self.t5_num_buckets, minimum=2)
+        check_int("t5_max_distance", self.t5_max_distance)
+        if self.t5_max_distance <= self.t5_num_buckets // 2:
+            raise ValueError(
+                f"t5_max_distance={self.t5_max_distance} is invalid; it must exceed t5_num_buckets // 2 = "
+                f"{self.t5_num_buckets // 2}, the last exactly bucketed distance."
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
@@ -167,6 +238,8 @@ class GPT(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = build_absolute_positions(config.position, config.max_seq_len, config.d_model)
+        self.rotary = build_rotary(config)
+        self.score_bias = build_score_bias(config, bidirectional=False)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config.block_config()) for _ in range(config.n_layers))
         self.final_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
@@ -202,22 +275,31 @@ class GPT(nn.Module):
                 total -= self.position_embedding.weight.numel()
         return total
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Raise a ``ValueError`` for token ids, lengths or masks the model cannot take."""
+    def check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None = None
+    ) -> None:
+        """Raise a ``ValueError`` for token ids, lengths, masks or caches the model cannot take."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
-        if input_ids.size(1) > self.config.max_seq_len:
+        past_len = kv_cache.length if kv_cache is not None else 0
+        if past_len + input_ids.size(1) > self.config.max_seq_len:
+            cached = f" after {past_len} cached positions" if past_len else ""
             raise ValueError(
-                f"Sequence length {input_ids.size(1)} exceeds max_seq_len={self.config.max_seq_len}; "
+                f"Sequence length {past_len + input_ids.size(1)}{cached} exceeds max_seq_len={self.config.max_seq_len}; "
                 "crop the input to the last max_seq_len tokens."
+            )
+        if kv_cache is not None and kv_cache.batch_size != input_ids.size(0):
+            raise ValueError(
+                f"The KV cache was built for batch size {kv_cache.batch_size}, but input_ids has {input_ids.size(0)} rows."
             )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
             raise ValueError(f"Token id {bad} is outside the vocabulary of vocab_size={self.config.vocab_size}.")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        expected_mask_shape = (input_ids.size(0), past_len + input_ids.size(1))
+        if attention_mask is not None and tuple(attention_mask.shape) != expected_mask_shape:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)} "
-                "(batch, seq) like input_ids."
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected_mask_shape}: "
+                "(batch, seq) like input_ids, plus the cached positions when a KV cache is given."
             )
 
     def forward(
@@ -227,25 +309,46 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_attentions: bool = False,
+        kv_cache: KVCache | None = None,
     ) -> ModelOutput:
         """Return next-token logits for ``input_ids`` (batch, seq).
 
         ``attention_mask`` (batch, seq) marks real tokens with 1 and padding with 0; ``targets``
         (batch, seq) with -100 for ignored positions gives the mean cross-entropy loss.
+
+        With ``kv_cache`` the input continues the cached positions: keys and values are appended
+        to the cache, ``attention_mask`` covers cached and new positions (batch, cached + seq),
+        and ``position_ids`` (batch or 1, seq) default to cached, cached + 1, .... Learned,
+        sinusoidal and rotary positions read ``position_ids``. ALiBi and T5 biases depend on
+        distances between indices only, which left padding does not change.
         """
-        self.check_inputs(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask, kv_cache)
+        past_len = kv_cache.length if kv_cache is not None else 0
         seq_len = input_ids.size(1)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device).unsqueeze(0)
         hidden = self.token_embedding(input_ids)  # (batch, seq, d_model)
         if self.position_embedding is not None:
-            if position_ids is None:
-                position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
             hidden = hidden + self.position_embedding(position_ids)
         hidden = self.embed_dropout(hidden)
 
         mask = padding_mask(attention_mask) if attention_mask is not None else None
+        # Rotations and score biases are computed once here and shared by every layer.
+        rotation = self.rotary(position_ids) if self.rotary is not None else None
+        score_bias = None
+        if self.score_bias is not None:
+            score_bias = self.score_bias(seq_len, past_len + seq_len, input_ids.device)  # (1, heads, seq, k_len)
         attentions = []
-        for block in self.blocks:
-            hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions)
+        for layer_index, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layers[layer_index] if kv_cache is not None else None
+            hidden, attn_weights = block(
+                hidden,
+                mask=mask,
+                return_weights=return_attentions,
+                bias=score_bias,
+                rotation=rotation,
+                kv_cache=layer_cache,
+            )
             attentions.append(attn_weights)
         hidden = self.final_norm(hidden)
         logits = self.lm_head(hidden)  # (batch, seq, vocab)

@@ -116,8 +116,12 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, ke
             with open(temp / name, "rb") as file:
                 os.fsync(file.fileno())
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
+            # The same step was saved before (Ctrl-C right after a checkpoint): that folder holds
+            # the same weights and data position, and deleting it first would open a window with
+            # no checkpoint of this step.
+            shutil.rmtree(temp)
+        else:
+            os.replace(temp, final)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -148,13 +152,15 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and temporary folders left by killed runs."""
+    """Delete all but the newest ``keep`` checkpoints, and temporary folders and links left by killed runs."""
     latest = latest_checkpoint(run_dir)
     for path in complete_checkpoints(run_dir)[:-keep]:
         if latest is None or path.resolve() != latest.resolve():
             shutil.rmtree(path, ignore_errors=True)
     for path in (Path(run_dir) / "checkpoints").glob(".tmp-step-*"):
         shutil.rmtree(path, ignore_errors=True)
+    for path in Path(run_dir).glob(".latest-*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -172,16 +178,21 @@ def read_checkpoint(checkpoint_dir: Path) -> tuple[dict, dict, dict]:
     for name in CHECKPOINT_FILES:
         if not (checkpoint_dir / name).is_file():
             raise CheckpointError(f"Checkpoint {checkpoint_dir} is missing {name}.")
-    try:
-        model_tensors = load_file(str(checkpoint_dir / "model.safetensors"))
-        optimizer_tensors = load_file(str(checkpoint_dir / "optimizer.safetensors"))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"Checkpoint {checkpoint_dir} is corrupt or truncated: {error}") from None
+    model_tensors = read_tensor_file(checkpoint_dir / "model.safetensors")
+    optimizer_tensors = read_tensor_file(checkpoint_dir / "optimizer.safetensors")
     try:
         state = json.loads((checkpoint_dir / "state.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{checkpoint_dir / 'state.json'} is corrupt: {error}") from None
     return model_tensors, optimizer_tensors, state
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read one safetensors file, raising ``CheckpointError`` that names the file on damage."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupt or truncated: {error}") from None
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

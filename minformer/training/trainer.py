@@ -23,6 +23,7 @@ from minformer.data.datasets import RandomWindows, evaluate_loss, evaluation_win
 from minformer.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from minformer.models import build_model
 from minformer.training.checkpoint import (
+    CheckpointError,
     atomic_write_text,
     decode_rng_state,
     encode_rng_state,
@@ -55,6 +56,24 @@ def build_tokenizer(config: RunConfig, corpus) -> Tokenizer:
     if config.tokenizer.kind == "char":
         return CharTokenizer.from_text(corpus.characters())
     return BPETokenizer.train([text for _, text in corpus.documents("train")], vocab_size=config.tokenizer.vocab_size)
+
+
+def model_section_from_checkpoint(raw_config: dict, directory: Path) -> dict:
+    """Replace the model section by the shape of a Hugging Face checkpoint.
+
+    Only ``attention_backend`` and ``dropout`` are kept from the run config, because they do not
+    change the weights; the tokenizer section is set to BPE, since the checkpoint's tokenizer
+    files are used.
+    """
+    from minformer.interop import config_from_hf
+
+    model_section = config_from_hf(directory).to_dict()
+    requested = raw_config.get("model") or {}
+    for kept in ("attention_backend", "dropout"):
+        if kept in requested:
+            model_section[kept] = requested[kept]
+    tokenizer_section = {**(raw_config.get("tokenizer") or {}), "kind": "bpe"}
+    return {**raw_config, "model": model_section, "tokenizer": tokenizer_section}
 
 
 def start_ids(tokenizer: Tokenizer) -> list[int]:
@@ -101,12 +120,15 @@ class Trainer:
         if resume:
             checkpoint_dir = self.prepare_resume()
             raw_config = self.read_run_config()
-        elif init_from is None and (self.run_dir / "config.yaml").exists():
+        elif (self.run_dir / "config.yaml").exists():
             raise ValueError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or pick another --out.")
+        if init_from is not None and not resume:
+            raw_config = model_section_from_checkpoint(raw_config, Path(init_from))
 
-        corpus_name = (raw_config.get("data") or {}).get("corpus", "shakespeare")
-        self.corpus = load_corpus(corpus_name)
-        self.tokenizer = self.make_tokenizer(raw_config, resume, init_from)
+        # Validate the config before reading the corpus, so that an invalid field is reported first.
+        provisional = resolve_run_config(raw_config, vocab_size=1 << 30)
+        self.corpus = load_corpus(provisional.data.corpus)
+        self.tokenizer = self.make_tokenizer(provisional, resume, init_from)
         self.config = resolve_run_config(raw_config, vocab_size=self.tokenizer.vocab_size)
         if self.config.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
@@ -162,12 +184,11 @@ class Trainer:
 
         return yaml.safe_load((self.run_dir / "config.yaml").read_text(encoding="utf-8"))
 
-    def make_tokenizer(self, raw_config: dict, resume: bool, init_from: Path | None) -> Tokenizer:
+    def make_tokenizer(self, provisional: RunConfig, resume: bool, init_from: Path | None) -> Tokenizer:
         if resume:
             return load_tokenizer(self.run_dir / "tokenizer.json")
         if init_from is not None:
             return load_tokenizer(Path(init_from))
-        provisional = resolve_run_config(raw_config, vocab_size=1 << 30)
         return build_tokenizer(provisional, self.corpus)
 
     def load_pretrained(self, directory: Path) -> None:
@@ -181,11 +202,14 @@ class Trainer:
         model_tensors, optimizer_tensors, state = read_checkpoint(checkpoint_dir)
         load_model_tensors(self.model, model_tensors, str(checkpoint_dir))
         load_optimizer_state(self.model, self.optimizer, optimizer_tensors)
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.train_seconds = float(state["train_seconds"])
-        self.batches.set_state(decode_rng_state(state["data_rng"]))
-        torch.set_rng_state(decode_rng_state(state["torch_rng"]))
+        try:
+            self.step = int(state["step"])
+            self.tokens_seen = int(state["tokens_seen"])
+            self.train_seconds = float(state["train_seconds"])
+            self.batches.set_state(decode_rng_state(state["data_rng"]))
+            torch.set_rng_state(decode_rng_state(state["torch_rng"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{checkpoint_dir / 'state.json'} is incomplete or invalid: {error!r}") from None
         self.truncate_metrics(self.step)
         logger.info("resumed %s at step %d", self.run_dir, self.step)
 
@@ -219,7 +243,7 @@ class Trainer:
                 logits = self.forward_model(inputs).logits
             nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
             (nats / n_targets).backward()
-            total_nats += float(nats)
+            total_nats += float(nats.detach())
             if self.stop_requested:
                 raise KeyboardInterrupt
         if self.config.train.grad_clip > 0:

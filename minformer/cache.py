@@ -1,0 +1,93 @@
+"""Key/value cache for autoregressive decoding.
+
+A decoder's keys and values at earlier positions never change, so decoding one token at a time
+needs only the new token's keys and values: the rest are read from a preallocated cache of shape
+(batch, n_kv_heads, max_len, d_head) per layer. Grouped-query and multi-query layouts store only
+their n_kv_heads heads. Keys are stored after the rotary rotation, which depends on their own
+position only, so cached keys stay valid as the sequence grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKVCache:
+    """The preallocated keys and values of one attention layer, filled from position 0 up to ``length``."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, d_head: int, dtype=torch.float32, device=None):
+        self.key_cache = torch.zeros(batch, n_kv_heads, max_len, d_head, dtype=dtype, device=device)
+        self.value_cache = torch.zeros(batch, n_kv_heads, max_len, d_head, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        """Number of positions the cache has room for."""
+        return self.key_cache.size(2)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (batch, n_kv_heads, new_len, d_head) keys and values; return all stored so far.
+
+        The returned tensors are views of shape (batch, n_kv_heads, length, d_head), valid until
+        the next ``append`` or ``reset``.
+        """
+        if keys.shape[:2] != self.key_cache.shape[:2] or keys.size(-1) != self.key_cache.size(-1):
+            raise ValueError(
+                f"Keys of shape {tuple(keys.shape)} do not fit a cache of shape {tuple(self.key_cache.shape)} "
+                "(batch, n_kv_heads, max_len, d_head); build the cache for this batch and model."
+            )
+        end = self.length + keys.size(2)
+        if end > self.max_len:
+            raise ValueError(
+                f"The KV cache holds at most {self.max_len} positions; appending {keys.size(2)} to "
+                f"{self.length} would exceed it. Reset the cache or build a longer one."
+            )
+        self.key_cache[:, :, self.length : end] = keys
+        self.value_cache[:, :, self.length : end] = values
+        self.length = end
+        return self.key_cache[:, :, :end], self.value_cache[:, :, :end]
+
+
+class KVCache:
+    """One ``LayerKVCache`` per layer of a model; ``length`` is the number of positions already cached."""
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, d_head: int, dtype=torch.float32, device=None
+    ):
+        self.layers = [LayerKVCache(batch, n_kv_heads, max_len, d_head, dtype, device) for _ in range(n_layers)]
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int | None = None) -> "KVCache":
+        """Build an empty cache matching ``model.config`` and the dtype and device of its parameters.
+
+        ``max_len`` defaults to the model's ``max_seq_len``.
+        """
+        config = model.config
+        parameter = next(model.parameters())
+        return cls(
+            config.n_layers,
+            batch,
+            config.n_kv_heads,
+            max_len or config.max_seq_len,
+            config.d_head,
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached; every layer holds the same number between forward passes."""
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].key_cache.size(0)
+
+    def reset(self) -> None:
+        """Forget every cached position; the memory stays allocated and is overwritten by later appends."""
+        for layer in self.layers:
+            layer.length = 0

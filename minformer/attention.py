@@ -183,7 +183,7 @@ class MultiHeadAttention(nn.Module):
 
         ``bias`` is added to the scores (see ``scaled_dot_product_attention``); ``rotation``
         rotates queries and keys (RoPE). With ``kv_cache`` the new keys and values are appended to
-        the cache and the queries attend over every cached position; ``mask`` then covers the
+        the cache and the queries attend over every cached position, so ``mask`` must cover the
         cached and new keys.
         """
         source = hidden if memory is None else memory

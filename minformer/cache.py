@@ -1,8 +1,8 @@
 """Key/value cache for autoregressive decoding.
 
 A decoder's keys and values at earlier positions never change, so decoding one token at a time
-needs only the new token's keys and values: the rest are read from a preallocated cache of shape
-(batch, n_kv_heads, max_len, d_head) per layer. Grouped-query and multi-query layouts store only
+computes only the new token's keys and values. The earlier ones are read from a preallocated
+cache of shape (batch, n_kv_heads, max_len, d_head) per layer. Grouped-query and multi-query layouts store only
 their n_kv_heads heads. Keys are stored after the rotary rotation, which depends on their own
 position only, so cached keys stay valid as the sequence grows.
 """
@@ -39,7 +39,7 @@ class LayerKVCache:
         end = self.length + keys.size(2)
         if end > self.max_len:
             raise ValueError(
-                f"The KV cache holds at most {self.max_len} positions; appending {keys.size(2)} to "
+                f"KV cache overflow: it has room for {self.max_len} positions, and appending {keys.size(2)} to "
                 f"{self.length} would exceed it. Reset the cache or build a longer one."
             )
         self.key_cache[:, :, self.length : end] = keys
@@ -76,7 +76,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Number of positions cached; every layer holds the same number between forward passes."""
+        """Number of positions cached, which is the same for every layer between forward passes."""
         return self.layers[0].length
 
     @property

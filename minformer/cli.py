@@ -116,7 +116,7 @@ def command_train(args, extra: list[str]) -> int:
     model_config = trainer.config.model
     print(
         f"training {model_config.family} ({trainer.model.num_parameters() / 1e6:.2f}M parameters) on "
-        f"{trainer.config.data.corpus}: {len(trainer.train_tokens):,} training tokens, {len(trainer.val_tokens):,} held out; "
+        f"{trainer.config.data.corpus}: {trainer.objective.describe()}; "
         f"device {trainer.device}, {trainer.config.train.dtype}, {torch.get_num_threads()} threads",
         file=sys.stderr,
     )
@@ -190,17 +190,18 @@ def command_sample(args) -> int:
 
 def command_eval(args) -> int:
     from minformer.data.corpus import load_corpus
-    from minformer.data.datasets import evaluate_loss, evaluation_windows
     from minformer.runs import load, read_run_config
-    from minformer.training.trainer import start_ids
+    from minformer.training.objectives import OBJECTIVES, held_out_loss
 
     config = read_run_config(args.run_dir)
     model, tokenizer = load(args.run_dir)
-    text = load_corpus(config.data.corpus).text("val")
-    inputs, targets = evaluation_windows(tokenizer.encode_array(text), model.config.max_seq_len, start_ids(tokenizer))
-    nats, tokens = evaluate_loss(model, inputs, targets, 32, "cpu")
-    print(f"validation loss: {nats / tokens:.4f} nats/token over {tokens:,} tokens "
-          f"({nats / len(text):.4f} nats/char over {len(text):,} characters) of {config.data.corpus}")
+    objective = OBJECTIVES[config.objective.kind].from_run(config, tokenizer, load_corpus(config.data.corpus))
+    nats, targets = held_out_loss(model, objective, 32, "cpu")
+    line = f"validation loss: {nats / targets:.4f} nats/token over {targets:,} tokens of {config.data.corpus}"
+    characters = getattr(objective, "val_characters", 0)
+    if characters and config.tokenizer.kind != "char":
+        line += f" ({nats / characters:.4f} nats/char over {characters:,} characters)"
+    print(line)
     return 0
 
 

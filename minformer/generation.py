@@ -2,7 +2,7 @@
 
 Each step takes the logits of the last position and picks the next token. With ``use_cache``
 the prompt is run once (prefill) and each later step feeds only the new token, reading earlier
-keys and values from a ``KVCache``; without it every step reruns the whole window. Once the
+keys and values from a ``KVCache``. Without it every step reruns the whole window. Once the
 sequence is longer than ``max_seq_len`` the model sees only the last ``max_seq_len`` tokens,
 which the cached path handles by refilling the cache from that window.
 
@@ -108,7 +108,7 @@ def check_generation_inputs(
 class GenerationOutput:
     """The result of ``generate_sequences``.
 
-    ``tokens`` (batch, prompt_len + steps) holds each prompt and its continuation; after a sequence
+    ``tokens`` (batch, prompt_len + steps) contains each prompt and its continuation; after a sequence
     finishes, its row is filled with ``pad_token_id``. ``attention_mask`` marks real tokens (prompt
     and generated, the stopping token included) with 1. ``new_token_counts`` is the number of
     tokens each row generated, and ``finish_reasons`` why it stopped: ``length``, ``eos`` or ``stop``.

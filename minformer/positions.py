@@ -14,7 +14,7 @@
   (T5, Raffel et al. 2020).
 - ``none``: no position signal (a causal mask alone still leaks order, Haviv et al. 2022).
 
-``ACTS_ON`` tells a model where each scheme enters: ``embeddings`` (added to the input),
+``ACTS_ON`` records where each scheme enters a model: ``embeddings`` (added to the input),
 ``queries_keys`` (rotates q and k), or ``scores`` (a bias added to attention scores).
 """
 
@@ -273,7 +273,7 @@ class ALiBi(nn.Module):
     """Attention with linear biases: adds -slope_h * |i - j| to the scores of head h.
 
     The distance is symmetric, so an encoder gets the bidirectional form and a causal decoder,
-    whose mask hides j > i, the one-sided form of the paper. The slopes are Python floats, so no
+    whose mask hides j > i, the one-sided form of Press et al. The slopes are Python floats, so no
     dtype cast of the model rounds them.
     """
 

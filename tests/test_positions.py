@@ -2,7 +2,7 @@
 
 References: Hugging Face transformers' Llama rotary embedding (``LlamaRotaryEmbedding``,
 ``apply_rotary_pos_emb``) and its RoPE parameter functions for linear, dynamic-NTK and YaRN
-scaling; the ALiBi slopes given by Press et al. 2022 and BLOOM's
+scaling. For ALiBi, the slopes given by Press et al. 2022 and BLOOM's
 ``build_alibi_tensor``; T5's ``T5Attention._relative_position_bucket`` and ``compute_bias``.
 Every reference module is built locally from a config; nothing is downloaded.
 """
@@ -246,8 +246,8 @@ def test_alibi_slopes_match_bloom(n_heads):
 
 @pytest.mark.parametrize("n_heads", [3, 8, 12])
 def test_alibi_bias_equals_bloom_up_to_row_constant(n_heads):
-    # BLOOM adds slope * j; the paper's -slope * (i - j) differs by -slope * i in each row, which
-    # the softmax ignores. Compared on the keys a causal query sees.
+    # BLOOM adds slope * j, and Press et al.'s -slope * (i - j) differs from it by -slope * i in
+    # each row, which the softmax ignores. Compared on the keys a causal query attends to.
     seq = 9
     bloom = build_alibi_tensor(torch.ones(1, seq), n_heads, torch.float32).view(n_heads, 1, seq)
     slopes = torch.tensor(alibi_slopes(n_heads))[:, None, None]

@@ -319,7 +319,7 @@ def micro_batches_with_ignored_targets(vocab_size: int, context: int):
         inputs = torch.randint(0, vocab_size, (4, context), generator=generator)
         targets = torch.randint(0, vocab_size, (4, context), generator=generator)
         targets.view(-1)[torch.randperm(targets.numel(), generator=generator)[:n_ignored]] = -100
-        batches.append((inputs, targets))
+        batches.append({"input_ids": inputs, "targets": targets})
     return batches
 
 
@@ -338,8 +338,8 @@ def test_accumulated_gradient_is_mean_over_all_target_tokens(tiny_env, tmp_path)
 
     trainer.train_step(batches)
 
-    inputs = torch.cat([batch_inputs for batch_inputs, _ in batches])
-    targets = torch.cat([batch_targets for _, batch_targets in batches])
+    inputs = torch.cat([batch["input_ids"] for batch in batches])
+    targets = torch.cat([batch["targets"] for batch in batches])
     logits = model(inputs).logits
     F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100).backward()
     expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
@@ -347,7 +347,8 @@ def test_accumulated_gradient_is_mean_over_all_target_tokens(tiny_env, tmp_path)
 
     # Negative twin: averaging the per-micro-batch means weights tokens unequally and is measurably off.
     model.zero_grad(set_to_none=True)
-    for batch_inputs, batch_targets in batches:
+    for batch in batches:
+        batch_inputs, batch_targets = batch["input_ids"], batch["targets"]
         batch_logits = model(batch_inputs).logits
         loss = F.cross_entropy(batch_logits.reshape(-1, batch_logits.size(-1)), batch_targets.reshape(-1), ignore_index=-100)
         (loss / len(batches)).backward()

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 class RandomWindows:
@@ -65,29 +64,3 @@ def evaluation_windows(tokens: np.ndarray, context: int, start_ids: list[int]) -
     # Start ids after the first are context, not held-out text, so they are never scored.
     targets.view(-1)[: max(len(start_ids) - 1, 0)] = -100
     return inputs, targets
-
-
-@torch.no_grad()
-def evaluate_loss(model, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, device, autocast_dtype=None):
-    """Sum of next-token negative log-likelihoods (nats) and the number of predicted tokens.
-
-    The model runs in eval mode; its previous mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    total_nats = 0.0
-    total_tokens = 0
-    try:
-        for start in range(0, len(inputs), batch_size):
-            batch_inputs = inputs[start : start + batch_size].to(device)
-            batch_targets = targets[start : start + batch_size].to(device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(batch_inputs).logits
-            nats = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), batch_targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total_nats += float(nats)
-            total_tokens += int((batch_targets != -100).sum())
-    finally:
-        model.train(was_training)
-    return total_nats, total_tokens

@@ -139,6 +139,7 @@ class GPTConfig:
         check_choice("rope_interleaved", self.rope_interleaved, (True, False))
         check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         check_positive("rope_scaling_factor", self.rope_scaling_factor)
+
         if self.rope_scaling is not None and self.position != "rope":
             raise ValueError(f"rope_scaling={self.rope_scaling!r} needs position='rope', not {self.position!r}.")
         if self.rope_scaling is None and self.rope_scaling_factor != 1.0:
@@ -150,6 +151,7 @@ class GPTConfig:
             raise ValueError(
                 f"rope_scaling_factor={self.rope_scaling_factor!r} is invalid; a context extension needs at least 1.0."
             )
+
         if self.rope_original_max_seq_len is not None:
             check_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
         if (self.rope_scaling == "yarn") != (self.rope_original_max_seq_len is not None):
@@ -157,6 +159,7 @@ class GPTConfig:
                 f"rope_original_max_seq_len={self.rope_original_max_seq_len!r} is invalid with "
                 f"rope_scaling={self.rope_scaling!r}; set it exactly when rope_scaling='yarn'."
             )
+
         check_positive("rope_yarn_beta_fast", self.rope_yarn_beta_fast)
         check_positive("rope_yarn_beta_slow", self.rope_yarn_beta_slow)
         if self.rope_yarn_beta_fast <= self.rope_yarn_beta_slow:
@@ -164,16 +167,18 @@ class GPTConfig:
                 f"rope_yarn_beta_fast={self.rope_yarn_beta_fast!r} must be greater than "
                 f"rope_yarn_beta_slow={self.rope_yarn_beta_slow!r}."
             )
+
         if self.position == "rope" and self.d_head % 2 != 0:
             raise ValueError(f"d_head={self.d_head} is invalid with position='rope'; rotary pairs need an even d_head.")
         if self.rope_scaling == "ntk" and self.d_head < 4:
             raise ValueError(f"d_head={self.d_head} is invalid with rope_scaling='ntk'; the exponent d/(d-2) needs d_head >= 4.")
+
         check_int("t5_num_buckets", self.t5_num_buckets, minimum=2)
         check_int("t5_max_distance", self.t5_max_distance)
         if self.t5_max_distance <= self.t5_num_buckets // 2:
             raise ValueError(
                 f"t5_max_distance={self.t5_max_distance} is invalid; it must exceed t5_num_buckets // 2 = "
-                f"{self.t5_num_buckets // 2}, the last exactly bucketed distance."
+                f"{self.t5_num_buckets // 2}, the number of distances bucketed exactly."
             )
 
     @classmethod

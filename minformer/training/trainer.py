@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minformer.data.corpus import load_corpus
-from minformer.data.datasets import RandomWindows, evaluate_loss, evaluation_windows
 from minformer.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from minformer.models import build_model
 from minformer.training.checkpoint import (
@@ -34,6 +31,7 @@ from minformer.training.checkpoint import (
     write_checkpoint,
 )
 from minformer.training.config import RunConfig, resolve_run_config
+from minformer.training.objectives import OBJECTIVES, held_out_loss
 from minformer.training.optim import build_optimizer, learning_rate
 
 logger = logging.getLogger(__name__)
@@ -74,13 +72,6 @@ def model_section_from_checkpoint(raw_config: dict, directory: Path) -> dict:
             model_section[kept] = requested[kept]
     tokenizer_section = {**(raw_config.get("tokenizer") or {}), "kind": "bpe"}
     return {**raw_config, "model": model_section, "tokenizer": tokenizer_section}
-
-
-def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """The context placed before the first held-out token: end-of-text if the tokenizer has one, else a newline."""
-    if tokenizer.eos_id is not None:
-        return [tokenizer.eos_id]
-    return tokenizer.encode("\n")
 
 
 @dataclass
@@ -151,12 +142,8 @@ class Trainer:
             self.model, train_config.lr, train_config.weight_decay, (train_config.beta1, train_config.beta2)
         )
 
-        context = self.config.model.max_seq_len
-        self.train_tokens = self.tokenizer.encode_array(self.corpus.text("train"))
-        self.val_tokens = self.tokenizer.encode_array(self.corpus.text("val"))
-        self.val_characters = len(self.corpus.text("val"))
-        self.batches = RandomWindows(self.train_tokens, context, train_config.batch_size, train_config.seed)
-        self.val_inputs, self.val_targets = evaluation_windows(self.val_tokens, context, start_ids(self.tokenizer))
+        self.objective = OBJECTIVES[self.config.objective.kind].from_run(self.config, self.tokenizer, self.corpus)
+        self.eval_batch_size = max(train_config.batch_size, 16)
 
         self.step = 0
         self.tokens_seen = 0
@@ -206,7 +193,7 @@ class Trainer:
             self.step = int(state["step"])
             self.tokens_seen = int(state["tokens_seen"])
             self.train_seconds = float(state["train_seconds"])
-            self.batches.set_state(decode_rng_state(state["data_rng"]))
+            self.objective.set_state(decode_rng_state(state["data_rng"]))
             torch.set_rng_state(decode_rng_state(state["torch_rng"]))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{checkpoint_dir / 'state.json'} is incomplete or invalid: {error!r}") from None
@@ -233,33 +220,44 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def train_step(self, micro_batches) -> float:
-        """One optimizer step over the micro-batches; the loss is the mean over all their target tokens."""
-        n_targets = sum(int((targets != -100).sum()) for _, targets in micro_batches)
-        total_nats = 0.0
-        for inputs, targets in micro_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over the micro-batches; the loss is the mean over all their target tokens.
+
+        Returns the step's metrics: ``loss`` (nats per target token) and, when the model has
+        one, ``aux_loss`` (the weighted auxiliary loss, averaged over micro-batches).
+        """
+        n_targets = sum(self.objective.n_targets(batch) for batch in micro_batches)
+        total_nats, total_aux = 0.0, 0.0
+        metrics: dict = {}
+        for batch in micro_batches:
+            batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             with self.autocast():
-                logits = self.forward_model(inputs).logits
-            nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
-            (nats / n_targets).backward()
-            total_nats += float(nats.detach())
+                parts = self.objective.loss(self.forward_model, batch)
+            loss = parts.nats / n_targets
+            if parts.aux_loss is not None:
+                loss = loss + parts.aux_loss / len(micro_batches)
+                total_aux += float(parts.aux_loss.detach()) / len(micro_batches)
+            loss.backward()
+            total_nats += float(parts.nats.detach())
+            for name, value in (parts.metrics or {}).items():
+                metrics[name] = metrics.get(name, 0.0) + value / len(micro_batches)
             if self.stop_requested:
                 raise KeyboardInterrupt
         if self.config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_nats / n_targets
+        metrics["loss"] = total_nats / n_targets
+        if total_aux:
+            metrics["aux_loss"] = total_aux
+        return metrics
 
     def estimate_val_loss(self) -> float:
         """Mean loss over ``train.eval_windows`` evenly spaced validation windows (the same ones every time)."""
-        n_windows = len(self.val_inputs)
-        chosen = torch.linspace(0, n_windows - 1, min(n_windows, self.config.train.eval_windows)).round().long().unique()
-        nats, tokens = evaluate_loss(
-            self.model, self.val_inputs[chosen], self.val_targets[chosen], self.config.train.batch_size, self.device, self.autocast_dtype
+        nats, targets = held_out_loss(
+            self.model, self.objective, self.eval_batch_size, self.device, self.config.train.eval_windows, self.autocast_dtype
         )
-        return nats / tokens
+        return nats / targets
 
     def run(self) -> TrainResult:
         """Train until ``train.max_steps``; Ctrl-C stops at a step boundary with a checkpoint."""
@@ -275,23 +273,23 @@ class Trainer:
             signal.signal(signal.SIGINT, request_stop)
         interrupted = False
         self.model.train()
-        tokens_per_step = config.batch_size * config.grad_accum_steps * self.config.model.max_seq_len
         window_start, window_tokens = time.perf_counter(), 0
         try:
             while self.step < config.max_steps:
-                data_state = self.batches.get_state()
+                data_state = self.objective.get_state()
                 torch_state = torch.get_rng_state()
                 lr = learning_rate(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 step_start = time.perf_counter()
-                micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum_steps)]
+                micro_batches = [self.objective.next_batch() for _ in range(config.grad_accum_steps)]
+                tokens_per_step = sum(self.objective.n_tokens(batch) for batch in micro_batches)
                 try:
-                    loss = self.train_step(micro_batches)
+                    step_metrics = self.train_step(micro_batches)
                 except KeyboardInterrupt:
                     # Undo the half-done step: its gradients are dropped and the data position rewinds.
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.batches.set_state(data_state)
+                    self.objective.set_state(data_state)
                     torch.set_rng_state(torch_state)
                     interrupted = True
                     break
@@ -299,7 +297,7 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 self.train_seconds += time.perf_counter() - step_start
                 window_tokens += tokens_per_step
-                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_seen": self.tokens_seen}
+                record = {"step": self.step, **step_metrics, "lr": lr, "tokens_seen": self.tokens_seen}
                 if self.step % config.log_interval == 0 or self.step == config.max_steps:
                     now = time.perf_counter()
                     record["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
@@ -341,7 +339,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
-            "data_rng": encode_rng_state(self.batches.get_state()),
+            "data_rng": encode_rng_state(self.objective.get_state()),
             "torch_rng": encode_rng_state(torch.get_rng_state()),
         }
         return write_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, keep=self.config.train.keep_checkpoints)
@@ -355,11 +353,10 @@ class Trainer:
             logger.warning("could not draw loss.png: %s", error)
 
     def evaluate(self) -> tuple[float, int, float]:
-        """Exact validation loss in fp32: (nats per token, tokens predicted, nats per character)."""
-        nats, tokens = evaluate_loss(
-            self.model, self.val_inputs, self.val_targets, max(self.config.train.batch_size, 16), self.device
-        )
-        return nats / tokens, tokens, nats / max(self.val_characters, 1)
+        """Exact validation loss in fp32: (nats per target token, targets predicted, nats per character)."""
+        nats, targets = held_out_loss(self.model, self.objective, self.eval_batch_size, self.device)
+        characters = getattr(self.objective, "val_characters", 0)
+        return nats / targets, targets, (nats / characters if characters else float("nan"))
 
 
 def threading_is_main() -> bool:

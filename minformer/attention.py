@@ -4,7 +4,8 @@ Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + bias) V   (eq. 1)
 
 Backends compute the same function:
 - ``naive``: materialises the (batch, heads, q_len, k_len) weights and can return them;
-- ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` kernel.
+- ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` kernel;
+- ``flash``: minformer's blockwise FlashAttention (``minformer.flash``), memory linear in length.
 
 Masks are boolean with True meaning "may attend". A causal mask aligns the last query with the
 last key, so that a block of new queries over a longer key sequence (decoding with a cache)
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minformer.cache import LayerKVCache
+from minformer.flash import flash_attention
 from minformer.positions import Rotation
 
-BACKENDS = ("naive", "sdpa")
+BACKENDS = ("naive", "sdpa", "flash")
 
 
 def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
@@ -35,6 +37,18 @@ def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     query_positions = torch.arange(q_len, device=device).unsqueeze(1) + offset
     key_positions = torch.arange(k_len, device=device).unsqueeze(0)
     return key_positions <= query_positions
+
+
+def sliding_window_mask(q_len: int, k_len: int, window: int, device=None) -> torch.Tensor:
+    """Return a (q_len, k_len) boolean mask where query i sees keys j > i + (k_len - q_len) - window.
+
+    Combined with the causal mask, each query sees itself and the ``window - 1`` keys before it
+    (Child et al. 2019; the convention of Mistral's sliding-window attention).
+    """
+    offset = k_len - q_len
+    query_positions = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    key_positions = torch.arange(k_len, device=device).unsqueeze(0)
+    return key_positions > query_positions - window
 
 
 def padding_mask(key_padding: torch.Tensor) -> torch.Tensor:
@@ -103,6 +117,7 @@ def scaled_dot_product_attention(
     *,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    window: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "sdpa",
@@ -111,7 +126,8 @@ def scaled_dot_product_attention(
 ):
     """Compute eq. 1 with the chosen backend; returns ``(output, attn_weights or None)``.
 
-    ``causal`` adds the causal mask aligned to the last key. ``bias``, a float tensor
+    ``causal`` adds the causal mask aligned to the last key; ``window`` adds the sliding-window
+    mask (see ``sliding_window_mask``). ``bias``, a float tensor
     broadcastable to (batch, heads, q_len, k_len), is added to the scaled scores before the
     softmax (ALiBi, T5 relative positions). ``return_weights`` requires the ``naive`` backend,
     the only one that materialises the weights.
@@ -122,12 +138,23 @@ def scaled_dot_product_attention(
     if return_weights and backend != "naive":
         raise ValueError("return_weights=True needs attention_backend='naive'; the fused kernels never form the weights.")
 
-    if backend == "sdpa" and causal and mask is None and bias is None and q_len == k_len:
+    if backend == "sdpa" and causal and mask is None and bias is None and window is None and q_len == k_len:
         # The fused kernel's own causal path is the fastest; it aligns top-left, which is the same
         # as bottom-right only when q_len == k_len.
         return sdpa_attention(queries, keys, values, scale=scale, dropout_p=dropout_p, is_causal=True), None
 
-    full_mask = combine_masks(mask, causal_mask(q_len, k_len, queries.device) if causal else None)
+    if backend == "flash":
+        # The flash kernel applies causality block by block, so no (q_len, k_len) mask is built.
+        output = flash_attention(
+            queries, keys, values, mask=mask, causal=causal, window=window, scale=scale, bias=bias, dropout_p=dropout_p
+        )
+        return output, None
+
+    full_mask = combine_masks(
+        mask,
+        causal_mask(q_len, k_len, queries.device) if causal else None,
+        sliding_window_mask(q_len, k_len, window, queries.device) if window is not None else None,
+    )
     if backend == "naive":
         return naive_attention(queries, keys, values, full_mask, scale, dropout_p, return_weights, bias)
     return sdpa_attention(queries, keys, values, full_mask, scale, dropout_p, bias=bias), None
@@ -150,6 +177,7 @@ class MultiHeadAttention(nn.Module):
         backend: str = "sdpa",
         causal: bool = False,
         scale: float | None = None,
+        window: int | None = None,
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -157,6 +185,7 @@ class MultiHeadAttention(nn.Module):
         self.d_head = d_head or d_model // n_heads
         self.backend = backend
         self.causal = causal
+        self.window = window
         self.scale = scale
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, self.n_heads * self.d_head, bias=bias)
@@ -208,6 +237,7 @@ class MultiHeadAttention(nn.Module):
             values,
             mask=mask,
             causal=self.causal and memory is None,
+            window=self.window if memory is None else None,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,

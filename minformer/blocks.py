@@ -36,6 +36,7 @@ class BlockConfig:
     bias: bool
     causal: bool
     cross_attention: bool = False
+    sliding_window: int | None = None
 
 
 class TransformerBlock(nn.Module):
@@ -54,6 +55,7 @@ class TransformerBlock(nn.Module):
             dropout=config.dropout,
             backend=config.attention_backend,
             causal=config.causal,
+            window=config.sliding_window,
         )
         if config.cross_attention:
             self.cross_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)

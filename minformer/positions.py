@@ -277,13 +277,23 @@ class ALiBi(nn.Module):
     dtype cast of the model rounds them.
     """
 
-    def __init__(self, n_heads: int):
+    def __init__(self, n_heads: int, causal: bool = False):
         super().__init__()
         self.slopes = tuple(alibi_slopes(n_heads))
+        self.causal = causal
 
     def forward(self, q_len: int, k_len: int, device=None) -> torch.Tensor:
-        """Return the (1, heads, q_len, k_len) float32 bias for queries that end at the last key."""
+        """Return the float32 bias for queries that end at the last key.
+
+        Bidirectional: (1, heads, q_len, k_len) = -slope * |i - j|. Causal: (1, heads, 1, k_len) =
+        -slope * (k_len - 1 - j), which differs from -slope * (i - j) by a constant per query row.
+        Softmax ignores such a constant, so the attention is the same, and the bias stays linear in
+        length (BLOOM uses the same form).
+        """
         slopes = torch.tensor(self.slopes, dtype=torch.float32, device=device)[:, None, None]
+        if self.causal:
+            distances_to_last = (k_len - 1 - torch.arange(k_len, device=device)).float()[None, :]  # (1, k_len)
+            return (-slopes * distances_to_last)[None]  # (1, heads, 1, k_len)
         distances = relative_positions(q_len, k_len, device).abs().float()
         return (-slopes * distances)[None]
 
@@ -356,7 +366,7 @@ def build_rotary(config) -> RotaryEmbedding | None:
 def build_score_bias(config, bidirectional: bool) -> nn.Module | None:
     """Build the score-bias module (ALiBi or T5) a config's ``position`` names, or None for other schemes."""
     if config.position == "alibi":
-        return ALiBi(config.n_heads)
+        return ALiBi(config.n_heads, causal=not bidirectional)
     if config.position == "t5":
         return T5RelativeBias(config.n_heads, config.t5_num_buckets, config.t5_max_distance, bidirectional)
     return None

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minformer.attention import MultiHeadAttention, causal_mask, scaled_dot_product_attention
+from minformer.attention import MultiHeadAttention, causal_mask, scaled_dot_product_attention, sliding_window_mask
 
 HYPOTHESIS = settings(deadline=None, derandomize=bool(os.environ.get("CI")), max_examples=40)
 
@@ -65,7 +65,7 @@ def test_backends_agree_with_reference(batch, heads, q_len, extra_keys, head_dim
         full_mask = full_mask & causal_mask(q_len, k_len)
     expected = reference_attention(queries, keys, values, full_mask)
 
-    for backend in ("naive", "sdpa"):
+    for backend in ("naive", "sdpa", "flash"):
         output, _ = scaled_dot_product_attention(queries, keys, values, mask=padding, causal=causal, backend=backend)
         torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
@@ -80,7 +80,7 @@ def test_backends_agree_in_gradients(q_len, extra_keys, causal, seed):
     padding = torch.rand(2, 1, 1, k_len, generator=generator) > 0.3
     upstream = torch.randn(shape_q, generator=generator)
     gradients = {}
-    for backend in ("naive", "sdpa"):
+    for backend in ("naive", "sdpa", "flash"):
         inputs = [tensor.clone().requires_grad_(True) for tensor in base]
         output, _ = scaled_dot_product_attention(*inputs, mask=padding, causal=causal, backend=backend)
         (output * upstream).sum().backward()
@@ -88,12 +88,13 @@ def test_backends_agree_in_gradients(q_len, extra_keys, causal, seed):
     # One scale for all three inputs: with a single key the query and key gradients are exactly
     # zero, and a per-tensor ratio would divide rounding noise by zero.
     naive_all = torch.cat([grad.flatten() for grad in gradients["naive"]])
-    sdpa_all = torch.cat([grad.flatten() for grad in gradients["sdpa"]])
     assert torch.isfinite(naive_all).all()
-    assert max_relative_difference(sdpa_all, naive_all) <= 1e-5
+    for backend in ("sdpa", "flash"):
+        backend_all = torch.cat([grad.flatten() for grad in gradients[backend]])
+        assert max_relative_difference(backend_all, naive_all) <= 1e-5, backend
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fully_masked_query_gives_zeros_and_finite_gradients(backend, dtype):
     queries = torch.randn(1, 2, 3, 8, dtype=dtype, requires_grad=True)
@@ -171,3 +172,45 @@ def test_grouped_query_heads_share_keys(n_kv_heads):
             getattr(full, name).weight.copy_(weight)
             getattr(full, name).bias.copy_(bias)
     torch.testing.assert_close(output, full(hidden)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_mask_aligns_with_last_key():
+    mask = causal_mask(3, 6) & sliding_window_mask(3, 6, window=2)
+
+    assert mask.tolist() == [
+        [False, False, True, True, False, False],
+        [False, False, False, True, True, False],
+        [False, False, False, False, True, True],
+    ]
+
+
+@HYPOTHESIS
+@given(
+    q_len=st.integers(1, 12),
+    extra_keys=st.integers(0, 6),
+    window=st.integers(1, 8),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sliding_window_backends_agree_with_reference(q_len, extra_keys, window, causal, seed):
+    generator = torch.Generator().manual_seed(seed)
+    k_len = q_len + extra_keys
+    queries = torch.randn(1, 2, q_len, 8, generator=generator)
+    keys = torch.randn(1, 2, k_len, 8, generator=generator)
+    values = torch.randn(1, 2, k_len, 8, generator=generator)
+    full_mask = sliding_window_mask(q_len, k_len, window)
+    if causal:
+        full_mask = full_mask & causal_mask(q_len, k_len)
+    expected = reference_attention(queries, keys, values, full_mask.expand(1, 2, q_len, k_len))
+
+    for backend in ("naive", "sdpa", "flash"):
+        output, _ = scaled_dot_product_attention(queries, keys, values, causal=causal, window=window, backend=backend)
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_backend_runs_its_own_kernel():
+    queries = torch.randn(1, 2, 5, 8, requires_grad=True)
+
+    output, _ = scaled_dot_product_attention(queries, queries, queries, causal=True, backend="flash")
+
+    assert type(output.grad_fn).__name__ == "FlashAttentionFunctionBackward"

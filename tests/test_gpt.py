@@ -72,7 +72,7 @@ def test_config_is_frozen():
         config.d_model = 64
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "none"])
 def test_future_token_never_changes_earlier_logits(backend, position):
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_future_token_never_changes_earlier_logits(backend, position):
     torch.testing.assert_close(before[:, :8], after[:, :8], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])
 def test_earlier_token_changes_later_logits(backend):
     torch.manual_seed(0)
     model = GPT(tiny_config(attention_backend=backend)).eval()
@@ -208,3 +208,40 @@ def test_return_attentions_gives_one_map_per_layer():
 
     assert len(output.attentions) == 2
     assert output.attentions[0].shape == (2, 4, 5, 5)
+
+
+def test_flash_model_agrees_with_sdpa_in_values_and_gradients():
+    torch.manual_seed(0)
+    flash = GPT(tiny_config(attention_backend="flash"))
+    sdpa = GPT(tiny_config(attention_backend="sdpa"))
+    sdpa.load_state_dict(flash.state_dict())
+    tokens = torch.randint(0, 37, (3, 16))
+    targets = torch.randint(0, 37, (3, 16))
+
+    flash_out, sdpa_out = flash(tokens, targets=targets), sdpa(tokens, targets=targets)
+    flash_out.loss.backward()
+    sdpa_out.loss.backward()
+
+    torch.testing.assert_close(flash_out.logits, sdpa_out.logits, atol=1e-5, rtol=1e-5)
+    flash_grads = torch.cat([p.grad.flatten() for p in flash.parameters()])
+    sdpa_grads = torch.cat([p.grad.flatten() for p in sdpa.parameters()])
+    assert float((flash_grads - sdpa_grads).abs().max() / sdpa_grads.abs().max()) <= 1e-5
+
+
+def test_flash_with_dropout_is_rejected():
+    with pytest.raises(ValueError, match="attention_backend='flash'"):
+        tiny_config(attention_backend="flash", dropout=0.1)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(sliding_window=3, n_layers=1)).eval()
+    tokens = torch.randint(0, 37, (1, 10))
+    changed = tokens.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 37
+
+    difference = (model(tokens).logits - model(changed).logits).abs().amax(dim=-1)[0]
+
+    # With one layer, position 4 sees positions 2..4 and position 5 sees 3..5.
+    assert difference[4] > 1e-6
+    assert difference[5] == 0

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minformer.attention import scaled_dot_product_attention
+from minformer.attention import causal_mask, scaled_dot_product_attention
 from minformer.models.gpt import GPT, GPTConfig
 from minformer.positions import (
     ACTS_ON,
@@ -35,6 +35,8 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor  # noqa:
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
+# Tiny models run faster on one thread than on two busy cores (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 HYPOTHESIS = settings(deadline=None, derandomize=bool(os.environ.get("CI")), max_examples=30)
 D_HEAD = 16
 MAX_POSITION = 128
@@ -434,3 +436,16 @@ def test_model_builds_each_position(position):
     assert (model.position_embedding is not None) == (ACTS_ON[position] == "embeddings")
     assert (model.rotary is not None) == (ACTS_ON[position] == "queries_keys")
     assert (model.score_bias is not None) == (ACTS_ON[position] == "scores")
+
+
+def test_causal_alibi_bias_gives_same_attention_as_full_bias():
+    q_len, k_len, heads = 5, 9, 6
+    scores = torch.randn(1, heads, q_len, k_len, generator=torch.Generator().manual_seed(0))
+    visible = causal_mask(q_len, k_len)
+
+    full = torch.softmax((scores + ALiBi(heads)(q_len, k_len)).masked_fill(~visible, float("-inf")), dim=-1)
+    compact_bias = ALiBi(heads, causal=True)(q_len, k_len)
+    compact = torch.softmax((scores + compact_bias).masked_fill(~visible, float("-inf")), dim=-1)
+
+    assert compact_bias.shape == (1, heads, 1, k_len)
+    torch.testing.assert_close(compact, full, atol=1e-6, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Tokenizers: character-level and byte-level BPE, behind one small interface.
+"""Tokenizers: character-level, byte-level BPE and WordPiece, behind one small interface.
 
 ``CharTokenizer`` maps each character of a fixed alphabet to its index in the sorted alphabet.
 ``BPETokenizer`` is byte-level byte-pair encoding (Sennrich et al., 2016, as used by GPT-2,
@@ -27,12 +27,14 @@ import numpy as np
 # This module is itself named ``tokenizers``, but Python 3 imports are absolute, so this line
 # imports the third-party package and not this file.
 import tokenizers as hf_tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAR_FORMAT_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 N_BYTES = 256
+PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+BERT_SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN, MASK_TOKEN)
 
 
 class Tokenizer(abc.ABC):
@@ -280,6 +282,130 @@ class BPETokenizer(Tokenizer):
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+class WordPieceTokenizer(Tokenizer):
+    """BERT's WordPiece tokenizer (Wu et al. 2016; Devlin et al. 2019) wrapping a ``tokenizers.Tokenizer``.
+
+    Text is cleaned and (by default) lowercased by ``BertNormalizer``, split on whitespace and
+    punctuation by ``BertPreTokenizer``, and each word is split greedily into the longest
+    vocabulary pieces, continuation pieces carrying the ``##`` prefix. A word with no split
+    becomes ``[UNK]``. ``encode`` wraps the ids as ``[CLS] ... [SEP]``.
+    """
+
+    def __init__(self, tokenizer: hf_tokenizers.Tokenizer):
+        missing = [token for token in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+        if missing:
+            raise ValueError(f"WordPiece vocabulary lacks the BERT special tokens {missing}.")
+        # A tokenizer.json may fix truncation and padding lengths; encode returns whole, unpadded texts.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True, min_frequency: int = 2) -> WordPieceTokenizer:
+        """Learn a WordPiece vocabulary of at most ``vocab_size`` entries, special tokens included, from ``texts``.
+
+        The special tokens get the first ids in the order of ``BERT_SPECIAL_TOKENS``, so ``[PAD]`` is 0.
+        """
+        if vocab_size < len(BERT_SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size={vocab_size} is too small for WordPiece: the special tokens alone take {len(BERT_SPECIAL_TOKENS)}.")
+        tokenizer = hf_tokenizers.Tokenizer(models.WordPiece(unk_token=UNK_TOKEN))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(BERT_SPECIAL_TOKENS), show_progress=False
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        configure_bert_special_tokens(tokenizer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_vocab_file(cls, vocab_path: str | Path, lowercase: bool = True) -> WordPieceTokenizer:
+        """Load a BERT ``vocab.txt`` (one piece per line, id = line number) with BERT's normalizer and pre-tokenizer."""
+        tokenizer = hf_tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_path), unk_token=UNK_TOKEN))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.add_special_tokens(list(BERT_SPECIAL_TOKENS))
+        configure_bert_special_tokens(tokenizer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_json(cls, text: str) -> WordPieceTokenizer:
+        """Rebuild a tokenizer from the text of a ``tokenizers``-format ``tokenizer.json`` with a WordPiece model."""
+        try:
+            tokenizer = hf_tokenizers.Tokenizer.from_str(text)
+        except Exception as error:  # the library raises a bare Exception for malformed files
+            raise ValueError(f"Invalid WordPiece tokenizer.json: {error}") from error
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        """Id of ``[SEP]``, which ends every encoded sequence."""
+        return self.sep_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.token_to_id(PAD_TOKEN)
+
+    @property
+    def unk_id(self) -> int:
+        return self.tokenizer.token_to_id(UNK_TOKEN)
+
+    @property
+    def cls_id(self) -> int:
+        return self.tokenizer.token_to_id(CLS_TOKEN)
+
+    @property
+    def sep_id(self) -> int:
+        return self.tokenizer.token_to_id(SEP_TOKEN)
+
+    @property
+    def mask_id(self) -> int:
+        return self.tokenizer.token_to_id(MASK_TOKEN)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every BERT special token, sorted."""
+        return sorted(self.tokenizer.token_to_id(token) for token in BERT_SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        """Convert ``text`` to ``[CLS]`` + WordPiece ids + ``[SEP]``."""
+        return self.encode_pieces(text, add_special_tokens=True)
+
+    def encode_pieces(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Convert ``text`` to WordPiece ids, without ``[CLS]`` and ``[SEP]`` unless ``add_special_tokens``."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            raise_on_lone_surrogate(text)
+            raise
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Join pieces back into words; lowercasing and accent stripping are not undone."""
+        ids = ids_to_array(ids, self.vocab_size)
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str(pretty=True) + "\n"
+
+    def __repr__(self) -> str:
+        return f"WordPieceTokenizer(vocab_size={self.vocab_size})"
+
+
+def configure_bert_special_tokens(tokenizer: hf_tokenizers.Tokenizer) -> None:
+    """Set BERT's ``[CLS] A [SEP] (B [SEP])`` post-processor and the WordPiece decoder on ``tokenizer``."""
+    cls_id, sep_id = tokenizer.token_to_id(CLS_TOKEN), tokenizer.token_to_id(SEP_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS_TOKEN} $A {SEP_TOKEN}",
+        pair=f"{CLS_TOKEN} $A {SEP_TOKEN} $B:1 {SEP_TOKEN}:1",
+        special_tokens=[(CLS_TOKEN, cls_id), (SEP_TOKEN, sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+
+
 def configure_byte_level(tokenizer: hf_tokenizers.Tokenizer) -> None:
     """Set GPT-2's byte-level pre-tokenizer, decoder and post-processor on ``tokenizer``."""
     # add_prefix_space=False: GPT-2 does not insert a space before the first word, and inserting
@@ -328,16 +454,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     model = payload.get("model")
     if isinstance(model, dict) and model.get("type") == "BPE":
         return BPETokenizer.from_json(text)
+    if isinstance(model, dict) and model.get("type") == "WordPiece":
+        return WordPieceTokenizer.from_json(text)
 
     kind = payload.get("type", model.get("type") if isinstance(model, dict) else None)
     raise ValueError(
         f"{path} is not a known tokenizer (type {kind!r}). Expected a minformer char tokenizer "
-        '({"type": "char", ...}) or a tokenizers-library file whose model type is "BPE".'
+        '({"type": "char", ...}) or a tokenizers-library file whose model type is "BPE" or "WordPiece".'
     )
 
 
 def load_tokenizer_dir(directory: Path) -> Tokenizer:
-    """Load ``directory/tokenizer.json``, or else GPT-2's ``vocab.json`` and ``merges.txt``."""
+    """Load ``directory/tokenizer.json``, or else GPT-2's ``vocab.json`` and ``merges.txt``, or else BERT's ``vocab.txt``."""
     tokenizer_path = directory / TOKENIZER_FILE
     if tokenizer_path.exists():
         return load_tokenizer(tokenizer_path)
@@ -350,6 +478,13 @@ def load_tokenizer_dir(directory: Path) -> Tokenizer:
         except Exception as error:  # the library raises a bare Exception for malformed files
             raise ValueError(f"Invalid GPT-2 vocab.json / merges.txt in {directory}: {error}") from error
 
+    bert_vocab_path = directory / "vocab.txt"
+    if bert_vocab_path.exists():
+        try:
+            return WordPieceTokenizer.from_vocab_file(bert_vocab_path)
+        except Exception as error:  # the library raises a bare Exception for malformed files
+            raise ValueError(f"Invalid BERT vocab.txt in {directory}: {error}") from error
+
     raise FileNotFoundError(
-        f"No tokenizer in {directory}: expected {TOKENIZER_FILE}, or vocab.json with merges.txt."
+        f"No tokenizer in {directory}: expected {TOKENIZER_FILE}, or vocab.json with merges.txt, or a BERT vocab.txt."
     )

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from minformer.interop import gpt2
+from minformer.interop import bert, gpt2
 from minformer.interop.files import read_hf_config
 from minformer.interop.gpt2 import gpt2_config_from_hf
 from minformer.models.gpt import GPT
@@ -27,8 +27,8 @@ class HFFamily:
     """``model_type`` in the family's config.json."""
     architectures: tuple[str, ...]
     """Accepted entries of config.json's ``architectures`` list."""
-    model_class: type[nn.Module]
-    """The minformer class ``from_hf`` builds and ``to_hf`` accepts."""
+    model_class: type[nn.Module] | tuple[type[nn.Module], ...]
+    """The minformer class (or classes, one per architecture) ``from_hf`` builds and ``to_hf`` accepts."""
     read_config: Callable[[Path], object]
     """Reads config.json as the minformer config."""
     load: Callable[[Path], nn.Module]
@@ -45,6 +45,14 @@ FAMILIES = {
         read_config=gpt2_config_from_hf,
         load=gpt2.load_gpt2,
         save=gpt2.save_gpt2,
+    ),
+    bert.MODEL_TYPE: HFFamily(
+        model_type=bert.MODEL_TYPE,
+        architectures=bert.ARCHITECTURES,
+        model_class=tuple(bert.MODEL_CLASSES.values()),
+        read_config=bert.bert_config_from_hf,
+        load=bert.load_bert,
+        save=bert.save_bert,
     ),
 }
 
@@ -85,7 +93,11 @@ def to_hf(model: nn.Module, directory: str | Path) -> Path:
     for family in FAMILIES.values():
         if isinstance(model, family.model_class):
             return family.save(model, Path(directory))
-    supported = ", ".join(family.model_class.__name__ for family in FAMILIES.values())
+    supported = ", ".join(
+        model_class.__name__
+        for family in FAMILIES.values()
+        for model_class in (family.model_class if isinstance(family.model_class, tuple) else (family.model_class,))
+    )
     raise ValueError(f"to_hf cannot export a {type(model).__name__}; supported model classes: {supported}.")
 
 

@@ -1,9 +1,11 @@
 """Model families composed from minformer's components, and the registry that picks one by name."""
 
+from minformer.models.bert import BERT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification
 from minformer.models.gpt import GPT, GPTConfig, ModelOutput
 
-# family name -> (config class, model class); a run's config.yaml names its family.
-FAMILIES = {"gpt": (GPTConfig, GPT)}
+# family name -> (config class, model class); a run's config.yaml names its family. A BERT run
+# pretrains with masked language modelling, so the family builds the masked-LM model.
+FAMILIES = {"gpt": (GPTConfig, GPT), "bert": (BERTConfig, BERTForMaskedLM)}
 
 
 def config_from_dict(model_section: dict):
@@ -19,4 +21,15 @@ def build_model(config):
     return FAMILIES[config.family][1](config)
 
 
-__all__ = ["FAMILIES", "GPT", "GPTConfig", "ModelOutput", "build_model", "config_from_dict"]
+__all__ = [
+    "BERT",
+    "BERTConfig",
+    "BERTForMaskedLM",
+    "BERTForSequenceClassification",
+    "FAMILIES",
+    "GPT",
+    "GPTConfig",
+    "ModelOutput",
+    "build_model",
+    "config_from_dict",
+]

@@ -80,7 +80,9 @@ class GPTConfig:
     t5_max_distance: int = 128
     """T5 relative positions: distance from which all keys share the last bucket."""
     attention_backend: str = "sdpa"
-    """naive (materialises the weights) or sdpa (PyTorch's fused kernel)."""
+    """naive (materialises the weights), sdpa (PyTorch's fused kernel) or flash (minformer's FlashAttention)."""
+    sliding_window: int | None = None
+    """When set, each token attends only to itself and the sliding_window - 1 tokens before it."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches during training."""
     bias: bool = True
@@ -124,9 +126,16 @@ class GPTConfig:
         check_choice("position", self.position, POSITIONS)
         self.check_position_options()
         check_choice("attention_backend", self.attention_backend, BACKENDS)
+        if self.sliding_window is not None:
+            check_int("sliding_window", self.sliding_window)
         check_positive("dropout", self.dropout, allow_zero=True)
         if self.dropout >= 1.0:
             raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
+        if self.attention_backend == "flash" and self.dropout > 0:
+            raise ValueError(
+                f"attention_backend='flash' has no attention dropout, but dropout={self.dropout}; "
+                "set dropout=0 or use attention_backend='sdpa'."
+            )
         check_choice("bias", self.bias, (True, False))
         check_choice("tie_embeddings", self.tie_embeddings, (True, False))
         check_positive("init_std", self.init_std)
@@ -222,6 +231,7 @@ class GPTConfig:
             dropout=self.dropout,
             bias=self.bias,
             causal=True,
+            sliding_window=self.sliding_window,
         )
 
 

@@ -37,12 +37,12 @@ class TokenizerConfig:
     """How text becomes token ids."""
 
     kind: str = "char"
-    """char (one id per character of the corpus) or bpe (byte-level BPE trained on the corpus)."""
+    """char (one id per character of the corpus), bpe (byte-level BPE) or wordpiece (BERT's), both trained on the corpus."""
     vocab_size: int = 4096
-    """Target vocabulary size when kind is bpe; ignored for char."""
+    """Target vocabulary size when kind is bpe or wordpiece; ignored for char."""
 
     def __post_init__(self):
-        check_choice("tokenizer.kind", self.kind, ("char", "bpe"))
+        check_choice("tokenizer.kind", self.kind, ("char", "bpe", "wordpiece"))
         check_int("tokenizer.vocab_size", self.vocab_size, minimum=257)
 
 
@@ -51,10 +51,15 @@ class ObjectiveConfig:
     """The training objective."""
 
     kind: str = "causal_lm"
-    """causal_lm: predict each next token."""
+    """causal_lm: predict each next token; masked_lm: predict randomly chosen tokens (BERT)."""
+    mask_probability: float = 0.15
+    """masked_lm: probability that each non-special token is chosen as a target."""
 
     def __post_init__(self):
-        check_choice("objective.kind", self.kind, ("causal_lm",))
+        check_choice("objective.kind", self.kind, ("causal_lm", "masked_lm"))
+        check_positive("objective.mask_probability", self.mask_probability)
+        if self.mask_probability >= 1.0:
+            raise ValueError(f"objective.mask_probability={self.mask_probability} is invalid; it must be in (0, 1).")
 
 
 @dataclass(frozen=True)

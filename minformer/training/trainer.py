@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from minformer.data.corpus import load_corpus
-from minformer.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from minformer.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordPieceTokenizer, load_tokenizer
 from minformer.models import build_model
 from minformer.training.checkpoint import (
     CheckpointError,
@@ -50,9 +50,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_tokenizer(config: RunConfig, corpus) -> Tokenizer:
-    """Build the run's tokenizer from the corpus: every character of it, or BPE trained on the training split."""
+    """Build the run's tokenizer from the corpus: every character of it, or BPE or WordPiece trained on the training split."""
     if config.tokenizer.kind == "char":
         return CharTokenizer.from_text(corpus.characters())
+    if config.tokenizer.kind == "wordpiece":
+        return WordPieceTokenizer.train([text for _, text in corpus.documents("train")], vocab_size=config.tokenizer.vocab_size)
     return BPETokenizer.train([text for _, text in corpus.documents("train")], vocab_size=config.tokenizer.vocab_size)
 
 

@@ -60,7 +60,7 @@ def load_encoder(model_dir: str | Path | None = None) -> tuple[BERT, WordPieceTo
     model = from_hf(directory)
     encoder = model if isinstance(model, BERT) else getattr(model, "bert", None)
     if encoder is None:
-        raise ValueError(f"{directory} holds a {type(model).__name__}, not a BERT encoder.")
+        raise ValueError(f"{directory} contains a {type(model).__name__}, not a BERT encoder; expected a BertModel or a BERT task model.")
     tokenizer = load_tokenizer(directory)
     if not isinstance(tokenizer, WordPieceTokenizer):
         raise ValueError(f"{directory} has a {type(tokenizer).__name__}; a BERT encoder needs a WordPiece tokenizer.")

@@ -129,7 +129,7 @@ class BERTConfig:
         return {"family": self.family, **dataclasses.asdict(self)}
 
     def block_config(self) -> BlockConfig:
-        """The per-block fields: bidirectional post-LN self-attention with biases."""
+        """Return the per-block fields: bidirectional post-LN self-attention with biases."""
         return BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -151,11 +151,11 @@ class BERTConfig:
 class BERTOutput:
     """What a BERT forward pass returns.
 
-    ``hidden_states`` (batch, seq, d_model): the last encoder layer; ``pooled_output``
-    (batch, d_model) or None without a pooler; ``logits``: (batch, seq, vocab) for masked LM,
-    (batch, n_labels) for classification, None for the bare encoder; ``loss``: the mean
-    cross-entropy when targets are given; ``attentions``: per-layer weights when requested
-    (naive backend only).
+    ``hidden_states`` (batch, seq, d_model) is the output of the last encoder layer, and
+    ``pooled_output`` (batch, d_model) is None without a pooler. ``logits`` is (batch, seq, vocab)
+    for masked LM, (batch, n_labels) for classification and None for the bare encoder. ``loss`` is
+    the mean cross-entropy when targets are given, and ``attentions`` the per-layer weights when
+    requested (naive backend only).
     """
 
     hidden_states: torch.Tensor
@@ -337,7 +337,7 @@ class BERTForSequenceClassification(nn.Module):
 
 
 def check_id_range(what: str, ids: torch.Tensor, size: int, field: str) -> None:
-    """Raise a ``ValueError`` naming the first id of ``ids`` outside ``0 .. size - 1``."""
+    """Raise a ``ValueError`` naming an id of ``ids`` outside ``0 .. size - 1`` (the largest, else the smallest)."""
     if ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -347,7 +347,10 @@ def check_id_range(what: str, ids: torch.Tensor, size: int, field: str) -> None:
 
 
 def init_bert_weights(module: nn.Module, config: BERTConfig) -> None:
-    """BERT initialisation of every submodule: N(0, init_std) weights, zero biases, unit norm weights."""
+    """Initialise linear and embedding weights of ``module`` from N(0, init_std) and zero its linear biases.
+
+    Norms keep the unit weights and zero biases they are built with.
+    """
     for submodule in module.modules():
         if isinstance(submodule, nn.Linear):
             nn.init.normal_(submodule.weight, mean=0.0, std=config.init_std)

@@ -13,6 +13,8 @@ Two conventions for the training cost per token:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ from minformer.positions import LearnedPositions
 CONVENTIONS = ("kaplan", "chinchilla")
 
 # Multiply-accumulate counts as 2 FLOPs, and the backward pass costs twice the forward pass
-# (Kaplan et al. 2020, sec. 2.1), so training costs 3 times the forward pass.
+# (Kaplan et al. 2020), so training costs 3 times the forward pass.
 TRAINING_PASSES = 3
 
 
@@ -59,12 +61,23 @@ def config_parameters(config, non_embedding: bool = False) -> int:
     """Count the parameters of the model ``config`` describes, without allocating its weights.
 
     The model is built on PyTorch's ``meta`` device, where tensors have shapes but no storage, so
-    a 175B-parameter config takes about a second and no memory.
+    a 175B-parameter config needs no weight memory (about a second on a 2-core CPU).
     """
     from minformer.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(config)
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except NotImplementedError:
+        # Rotary tables are built from values, which meta tensors lack. Rotary positions have no
+        # parameters, so the same config without them has the same count.
+        if getattr(config, "position", None) != "rope":
+            raise
+        without_rope = dataclasses.replace(
+            config, position="none", rope_scaling=None, rope_scaling_factor=1.0, rope_original_max_seq_len=None
+        )
+        with torch.device("meta"):
+            model = build_model(without_rope)
     return count_parameters(model, non_embedding=non_embedding)
 
 
@@ -90,10 +103,15 @@ def kaplan_flops_per_token(config, context: int) -> float:
 def chinchilla_flops_per_token(config, context: int) -> float:
     """Return the training FLOPs per token of Hoffmann et al. 2022, Appendix F, for a sequence of ``context``.
 
-    Per sequence of length S the forward pass counts: embeddings 2 S vocab d_model; per layer the
-    query, key and value projections 2 S d_model (3 d_attn), the logits 2 S^2 d_attn, the softmax
-    3 n_heads S^2, the weighted sum of values 2 S^2 d_attn, the output projection 2 S d_attn d_model
-    and the feed-forward block 2 S (2 d_model d_ff); then the output logits 2 S d_model vocab.
+    Forward FLOPs per sequence of length S:
+
+    - embeddings: 2 S vocab d_model
+    - per layer, attention: query, key and value projections 2 S d_model (3 d_attn), logits
+      2 S^2 d_attn, softmax 3 n_heads S^2, weighted sum of values 2 S^2 d_attn, output projection
+      2 S d_attn d_model
+    - per layer, feed-forward block: 2 S (2 d_model d_ff)
+    - output logits: 2 S d_model vocab
+
     Training is 3 forward passes. Like Kaplan's count, attention covers the whole context (no
     halving for causal masking).
 
@@ -103,7 +121,7 @@ def chinchilla_flops_per_token(config, context: int) -> float:
     """
     d_model, vocab, seq = config.d_model, config.vocab_size, context
     d_attn = attention_width(config)
-    d_kv = config.n_kv_heads * config.d_head
+    d_kv = (getattr(config, "n_kv_heads", None) or config.n_heads) * config.d_head  # BERT has no n_kv_heads
     ffn_matrices = 3 if config.activation in GATED_ACTIVATIONS else 2
 
     embeddings = 2 * seq * vocab * d_model

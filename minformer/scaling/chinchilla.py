@@ -7,7 +7,7 @@ C = 6 N D gives (eq. 4)
     N_opt(C) = G (C/6)^(beta/(alpha+beta)),   D_opt(C) = G^-1 (C/6)^(alpha/(alpha+beta)),
     G = (alpha A / (beta B))^(1/(alpha+beta)).
 
-``LAWS`` holds the paper's Approach-3 fit (unrounded and as printed) and the refit of Besiroglu et
+``LAWS`` contains the paper's Approach-3 fit (unrounded and as printed) and the refit of Besiroglu et
 al. 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102). ``APPROACH1_TABLE`` is the
 paper's Table 3, used as data and interpolated in log space, not fitted.
 """
@@ -53,7 +53,7 @@ class LossLaw:
     name: str = "law"
     """Short label for tables and plots."""
     source: str = ""
-    """Where the constants come from."""
+    """Source of the constants."""
 
     def __post_init__(self):
         for field in ("E", "A", "B", "alpha", "beta"):

@@ -4,8 +4,8 @@ Approach 3 fits L(N, D) = E + A / N^alpha + B / D^beta to every run at once. As 
 fit works on log-losses, log L = LSE(a - alpha log N, b - beta log D, e) with A = exp(a),
 B = exp(b), E = exp(e), minimises the summed Huber loss (delta = 1e-3) of the log-loss residuals
 with L-BFGS, and starts it from a grid of initialisations, keeping the best result. The Huber terms
-are summed, not averaged: Besiroglu et al. 2024 trace the paper's early-stopped optimiser to an
-averaged objective too small for L-BFGS's stopping tolerance.
+are summed, not averaged, and the stopping tolerances are tight: with delta = 1e-3 the objective is
+of order 1e-6 per run, and scipy's default tolerances stop L-BFGS-B far from the optimum.
 
 Approach 2 fits a parabola of loss against log N to each IsoFLOP profile (runs of one budget),
 takes its minimum as that budget's optimal N, and fits the power laws N_opt ∝ C^a and D_opt ∝ C^b.

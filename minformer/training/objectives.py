@@ -117,7 +117,7 @@ def mask_tokens(
 
     Each token that is not a special token (``[CLS]``, ``[SEP]``, ``[PAD]``, ...) is chosen with
     probability ``mask_probability``. A chosen token becomes ``[MASK]`` with probability 0.8, a
-    random token with probability 0.1, and stays unchanged with probability 0.1. ``labels`` holds
+    random token with probability 0.1, and stays unchanged with probability 0.1. ``labels`` contains
     the original id at chosen positions and -100 elsewhere. A batch where no token was chosen gets
     one chosen token, so that every batch has a target. Random replacements are drawn from the
     non-special ids only, unlike BERT's whole vocabulary, so that they never insert a ``[SEP]``.
@@ -216,7 +216,7 @@ class MaskedLMObjective:
         )
 
     def describe(self) -> str:
-        """One line on the data, for the progress display."""
+        """Return one line on the data, for the progress display."""
         return (f"{self.n_train_tokens:,} training tokens, {self.n_val_tokens:,} held out, "
                 f"{self.masking['mask_probability']:.0%} masked")
 
@@ -267,7 +267,7 @@ class MaskedLMObjective:
             }
 
     def get_state(self) -> torch.Tensor:
-        """The window generator's state followed by the masking generator's state, as one byte tensor."""
+        """Return the window generator's state followed by the masking generator's state, as one byte tensor."""
         return torch.cat([self.windows.get_state(), self.generator.get_state()])
 
     def set_state(self, state: torch.Tensor) -> None:

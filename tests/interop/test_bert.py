@@ -181,7 +181,7 @@ def test_legacy_gamma_beta_names_load(tmp_path):
     assert_values_equal(real(actual, attention_mask), real(expected, attention_mask))
 
 
-def test_encoder_names_with_bert_prefix_load_as_bert_model(tmp_path):
+def test_prefixed_encoder_names_load(tmp_path):
     reference = build_hf_bert(transformers.BertModel, seed=6)
     directory = save_hf(reference, tmp_path)
     rewrite_tensor_names(directory, lambda name: "bert." + name)

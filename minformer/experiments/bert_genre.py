@@ -1,0 +1,228 @@
+"""Genre classification of Shakespeare passages with a BERT, with and without masked-LM pretraining.
+
+Each play's genre is its section of the First Folio catalogue (comedy, history, tragedy; see
+``corpus.PLAYS``). Pericles and Troilus and Cressida have no catalogue section and are left out.
+The split is by play: the plays of ``HELD_OUT_PLAYS`` (one comedy, one history, one tragedy) are
+the test set and every other play trains. A passage is a ``[CLS] ... [SEP]`` row of consecutive
+WordPiece tokens. The experiment pretrains a BERT with masked language modelling on the training
+plays, fine-tunes it to classify passages, and compares its test accuracy with the same
+fine-tuning from random weights and with always predicting the most common training genre.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minformer.data.corpus import HELD_OUT_PLAYS, PLAYS, load_corpus
+from minformer.data.tokenizers import WordPieceTokenizer
+from minformer.models.bert import BERTConfig, BERTForMaskedLM, BERTForSequenceClassification
+from minformer.training.objectives import MaskedLMObjective, bert_segments
+from minformer.training.optim import build_optimizer, learning_rate
+
+logger = logging.getLogger(__name__)
+
+GENRES = ("comedy", "history", "tragedy")
+
+
+@dataclass(frozen=True)
+class GenreSettings:
+    """Sizes of one genre experiment."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 1024
+    seq_len: int = 128
+    batch_size: int = 32
+    pretrain_steps: int = 3000
+    finetune_steps: int = 600
+    max_passages_per_play: int | None = None
+    pretrain_lr: float = 5e-4
+    finetune_lr: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 1337
+
+
+FULL = GenreSettings()
+QUICK = GenreSettings(
+    vocab_size=400, d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=32, batch_size=8,
+    pretrain_steps=15, finetune_steps=15, max_passages_per_play=12, warmup_steps=2,
+)
+
+
+@dataclass
+class Passages:
+    """Labelled passages: input_ids and attention_mask (n_passages, seq_len), labels (n_passages,), and the play of each."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    plays: list[str]
+
+
+def genre_plays(corpus) -> dict[str, tuple[str, str]]:
+    """Map each document of a known play with a genre to ``(genre, text)``, from both splits."""
+    plays = {}
+    for split in ("train", "val"):
+        for doc_id, text in corpus.documents(split):
+            play = PLAYS.get(Path(doc_id).stem)
+            if play is not None and play.genre is not None:
+                plays[play.id] = (play.genre, text)
+    return plays
+
+
+def build_passages(plays: dict[str, tuple[str, str]], tokenizer: WordPieceTokenizer, settings: GenreSettings) -> Passages:
+    """Cut each play into whole passages of ``seq_len`` tokens, evenly thinned to ``max_passages_per_play``."""
+    rows, masks, labels, names = [], [], [], []
+    for play_id in sorted(plays):
+        genre, text = plays[play_id]
+        pieces = np.asarray(tokenizer.encode_pieces(text), dtype=np.int64)
+        body_length = settings.seq_len - 2
+        pieces = pieces[: len(pieces) // body_length * body_length]  # whole passages only, so none is padded
+        if len(pieces) == 0:
+            continue
+        input_ids, attention_mask = bert_segments(pieces, body_length, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
+        if settings.max_passages_per_play is not None and len(input_ids) > settings.max_passages_per_play:
+            keep = torch.linspace(0, len(input_ids) - 1, settings.max_passages_per_play).round().long()
+            input_ids, attention_mask = input_ids[keep], attention_mask[keep]
+        rows.append(input_ids)
+        masks.append(attention_mask)
+        labels += [GENRES.index(genre)] * len(input_ids)
+        names += [play_id] * len(input_ids)
+    return Passages(torch.cat(rows), torch.cat(masks), torch.tensor(labels), names)
+
+
+def model_config(vocab_size: int, settings: GenreSettings) -> BERTConfig:
+    """Return the BERT shape shared by the pretrained and the randomly initialised classifier."""
+    return BERTConfig(
+        vocab_size=vocab_size, max_seq_len=settings.seq_len, d_model=settings.d_model, n_layers=settings.n_layers,
+        n_heads=settings.n_heads, d_ff=settings.d_ff, n_labels=len(GENRES), dropout=0.1,
+    )
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor, step: int, lr: float, settings: GenreSettings, total_steps: int) -> None:
+    """Back-propagate ``loss`` and take one AdamW step at the warm-up and cosine learning rate of ``step``."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, lr, lr / 10, settings.warmup_steps, total_steps)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def pretrain(train_pieces: np.ndarray, tokenizer: WordPieceTokenizer, settings: GenreSettings) -> tuple[BERTForMaskedLM, float]:
+    """Pretrain with masked LM on the training plays; returns the model and the last step's loss."""
+    torch.manual_seed(settings.seed)
+    model = BERTForMaskedLM(model_config(tokenizer.vocab_size, settings)).train()
+    objective = MaskedLMObjective(
+        train_pieces, [train_pieces[: settings.seq_len]], tokenizer, settings.seq_len, settings.batch_size, settings.seed, 0.15
+    )
+    optimizer = build_optimizer(model, settings.pretrain_lr, 0.01, (0.9, 0.999))
+    loss = torch.tensor(float("nan"))
+    for step in range(settings.pretrain_steps):
+        batch = objective.next_batch()
+        loss = model(batch["input_ids"], targets=batch["targets"], attention_mask=batch["attention_mask"]).loss
+        optimizer_step(model, optimizer, loss, step, settings.pretrain_lr, settings, settings.pretrain_steps)
+    return model, float(loss.detach())
+
+
+def finetune(encoder_state: dict | None, vocab_size: int, train: Passages, settings: GenreSettings) -> BERTForSequenceClassification:
+    """Fine-tune a classifier on ``train``, starting from ``encoder_state`` (a BERT state dict) or random weights."""
+    torch.manual_seed(settings.seed + 1)
+    model = BERTForSequenceClassification(model_config(vocab_size, settings))
+    if encoder_state is not None:
+        # The masked-LM model has no pooler, so the pooler starts from random weights either way.
+        missing, unexpected = model.bert.load_state_dict(encoder_state, strict=False)
+        if unexpected or any(not name.startswith("pooler.") for name in missing):
+            raise RuntimeError(f"The pretrained encoder does not fit the classifier: missing {missing}, unexpected {unexpected}.")
+    model.train()
+    optimizer = build_optimizer(model, settings.finetune_lr, 0.01, (0.9, 0.999))
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+    for step in range(settings.finetune_steps):
+        index = torch.randint(len(train.labels), (settings.batch_size,), generator=generator)
+        loss = model(train.input_ids[index], labels=train.labels[index], attention_mask=train.attention_mask[index]).loss
+        optimizer_step(model, optimizer, loss, step, settings.finetune_lr, settings, settings.finetune_steps)
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: BERTForSequenceClassification, passages: Passages, batch_size: int = 64) -> float:
+    """Return the share of ``passages`` whose genre ``model`` predicts."""
+    correct = 0
+    for start in range(0, len(passages.labels), batch_size):
+        window = slice(start, start + batch_size)
+        logits = model(passages.input_ids[window], attention_mask=passages.attention_mask[window]).logits
+        correct += int((logits.argmax(dim=-1) == passages.labels[window]).sum())
+    return correct / len(passages.labels)
+
+
+def run_bert_genre(out_dir: Path, corpus_name: str = "shakespeare", quick: bool = False) -> dict:
+    """Run the experiment; write results.json and table.md into ``out_dir`` and return the results."""
+    settings = QUICK if quick else FULL
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plays = genre_plays(load_corpus(corpus_name))
+    train_plays = {play: value for play, value in plays.items() if play not in HELD_OUT_PLAYS}
+    test_plays = {play: value for play, value in plays.items() if play in HELD_OUT_PLAYS}
+    if not train_plays or not test_plays:
+        raise ValueError(
+            f"Corpus {corpus_name!r} needs plays of corpus.PLAYS in both the training plays and the held-out plays "
+            f"({', '.join(HELD_OUT_PLAYS)}); it has {len(train_plays)} and {len(test_plays)}."
+        )
+
+    tokenizer = WordPieceTokenizer.train([text for _, text in train_plays.values()], vocab_size=settings.vocab_size)
+    train, test = build_passages(train_plays, tokenizer, settings), build_passages(test_plays, tokenizer, settings)
+    train_pieces = np.concatenate([np.asarray(tokenizer.encode_pieces(text)) for _, text in train_plays.values()])
+
+    start = time.perf_counter()
+    pretrained, pretrain_loss = pretrain(train_pieces, tokenizer, settings)
+    pretrain_seconds = time.perf_counter() - start
+    encoder_state = pretrained.bert.state_dict()
+    with_pretraining = accuracy(finetune(encoder_state, tokenizer.vocab_size, train, settings), test)
+    without_pretraining = accuracy(finetune(None, tokenizer.vocab_size, train, settings), test)
+
+    majority = Counter(train.labels.tolist()).most_common(1)[0][0]
+    majority_accuracy = int((test.labels == majority).sum()) / len(test.labels)
+    results = {
+        "settings": asdict(settings),
+        "corpus": corpus_name,
+        "train_plays": sorted(train_plays),
+        "test_plays": sorted(test_plays),
+        "train_passages": len(train.labels),
+        "test_passages": len(test.labels),
+        "test_genre_counts": {GENRES[label]: count for label, count in sorted(Counter(test.labels.tolist()).items())},
+        "majority_genre": GENRES[majority],
+        "pretrain_final_loss": pretrain_loss,
+        "pretrain_seconds": pretrain_seconds,
+        "accuracy": {"majority": majority_accuracy, "no_pretraining": without_pretraining, "pretrained": with_pretraining},
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out_dir / "table.md").write_text(format_table(results), encoding="utf-8")
+    logger.info("genre accuracy: %s", results["accuracy"])
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Return a Markdown table of test accuracy per method."""
+    accuracy_by_method = results["accuracy"]
+    lines = [
+        f"Genre accuracy on {results['test_passages']} passages of the held-out plays "
+        f"({', '.join(results['test_plays'])}), fine-tuned on {results['train_passages']} passages "
+        f"of {len(results['train_plays'])} training plays of `{results['corpus']}`.",
+        "",
+        "| method | test accuracy |",
+        "| --- | ---: |",
+        f"| majority genre ({results['majority_genre']}) | {accuracy_by_method['majority']:.3f} |",
+        f"| BERT, no pretraining | {accuracy_by_method['no_pretraining']:.3f} |",
+        f"| BERT, masked-LM pretraining | {accuracy_by_method['pretrained']:.3f} |",
+    ]
+    return "\n".join(lines) + "\n"

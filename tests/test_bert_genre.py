@@ -1,0 +1,47 @@
+"""The bert-genre experiment at its --quick size, on a generated corpus whose documents are named after plays."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from minformer.data.corpus import CACHE_ENV, prepare_text
+from minformer.experiments.bert_genre import run_bert_genre
+
+# Two training plays per genre and the three held-out plays, each written in its genre's words.
+PLAYS_BY_GENRE = {
+    "comedy": ["tempest", "as_you_like_it", "twelfth_night"],
+    "history": ["king_john", "henry_v", "richard_ii"],
+    "tragedy": ["hamlet", "othello", "macbeth"],
+}
+WORDS = {
+    "comedy": "love jest wedding fool song merry".split(),
+    "history": "king crown war england battle lord".split(),
+    "tragedy": "death blood ghost murder grave night".split(),
+}
+
+
+def test_quick_bert_genre_writes_results(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    rng = random.Random(0)
+    sources = tmp_path / "plays"
+    sources.mkdir()
+    for genre, play_ids in PLAYS_BY_GENRE.items():
+        for play_id in play_ids:
+            lines = [" ".join(rng.choice(WORDS[genre]) for _ in range(8)) + "." for _ in range(80)]
+            (sources / f"{play_id}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (sources / "pericles.txt").write_text("a play with no Folio genre.\n" * 50, encoding="utf-8")
+    prepare_text([sources], "fake-plays", val_fraction=0.1)
+
+    results = run_bert_genre(tmp_path / "out", corpus_name="fake-plays", quick=True)
+    written = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+
+    assert results["test_plays"] == ["macbeth", "richard_ii", "twelfth_night"]
+    assert "pericles" not in results["train_plays"]
+    assert len(results["train_plays"]) == 6
+    assert results["test_genre_counts"] == {"comedy": 12, "history": 12, "tragedy": 12}
+    assert results["accuracy"]["majority"] == 1 / 3
+    for method in ("no_pretraining", "pretrained"):
+        assert 0.0 <= results["accuracy"][method] <= 1.0
+    assert written["accuracy"] == results["accuracy"]
+    assert "masked-LM pretraining" in (tmp_path / "out" / "table.md").read_text(encoding="utf-8")

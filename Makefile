@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RUN_DIR ?= runs/demo
 
-.PHONY: install install-dev demo test clean
+.PHONY: install install-dev demo test bench-attention bench-generation clean
 
 # torch is pinned here (and only here) because `pip install torch==2.13.0` takes the
 # CPU build from local disk, while an unpinned torch pulls a multi-GB CUDA build.
@@ -39,6 +39,15 @@ demo:
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# Benchmarks are not tests: they print tables (and write them under docs/benchmarks/).
+bench-attention: install-dev
+	mkdir -p docs/benchmarks
+	$(PY) benchmarks/attention.py --out docs/benchmarks/attention.md
+
+bench-generation: install-dev
+	mkdir -p docs/benchmarks
+	$(PY) benchmarks/generation.py --out docs/benchmarks/generation.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,6 +1,6 @@
 """minformer: the Transformer family built from scratch in PyTorch."""
 
-from minformer.models import GPT, GPTConfig
+from minformer.models import BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification, GPTConfig
 from minformer.runs import load
 
 __version__ = "0.1.0"
@@ -20,4 +20,14 @@ def to_hf(model, directory):
     return _to_hf(model, directory)
 
 
-__all__ = ["GPT", "GPTConfig", "from_hf", "load", "to_hf"]
+__all__ = [
+    "BERT",
+    "BERTConfig",
+    "BERTForMaskedLM",
+    "BERTForSequenceClassification",
+    "GPT",
+    "GPTConfig",
+    "from_hf",
+    "load",
+    "to_hf",
+]

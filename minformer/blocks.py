@@ -14,6 +14,7 @@ from torch import nn
 from minformer.attention import MultiHeadAttention
 from minformer.cache import LayerKVCache
 from minformer.feedforward import FeedForward
+from minformer.moe import MoEFeedForward
 from minformer.norms import build_norm
 from minformer.positions import Rotation
 
@@ -37,6 +38,13 @@ class BlockConfig:
     causal: bool
     cross_attention: bool = False
     sliding_window: int | None = None
+    moe: bool = False
+    """Whether the feed-forward is a mixture of experts (the moe_* fields below) instead of one network."""
+    moe_n_experts: int = 8
+    moe_top_k: int = 2
+    moe_capacity_factor: float | None = None
+    moe_balance_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
 
 
 class TransformerBlock(nn.Module):
@@ -72,7 +80,20 @@ class TransformerBlock(nn.Module):
             self.cross_norm = None
             self.cross_attn = None
         self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
-        self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, bias=config.bias)
+        if config.moe:
+            self.ffn = MoEFeedForward(
+                config.d_model,
+                config.d_ff,
+                config.activation,
+                bias=config.bias,
+                n_experts=config.moe_n_experts,
+                top_k=config.moe_top_k,
+                capacity_factor=config.moe_capacity_factor,
+                balance_coef=config.moe_balance_coef,
+                z_loss_coef=config.moe_z_loss_coef,
+            )
+        else:
+            self.ffn = FeedForward(config.d_model, config.d_ff, config.activation, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def residual(self, hidden: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
@@ -91,10 +112,12 @@ class TransformerBlock(nn.Module):
         bias: torch.Tensor | None = None,
         rotation: Rotation | None = None,
         kv_cache: LayerKVCache | None = None,
+        moe_stats: list | None = None,
     ):
         """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``.
 
-        ``bias``, ``rotation`` and ``kv_cache`` reach the self-attention only.
+        ``bias``, ``rotation`` and ``kv_cache`` reach the self-attention only. A mixture-of-experts
+        block appends its ``MoEStats`` to ``moe_stats`` when that list is given.
         """
         weights = []
 
@@ -110,5 +133,14 @@ class TransformerBlock(nn.Module):
             hidden = self.residual(
                 hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask)[0]
             )
-        hidden = self.residual(hidden, self.ffn_norm, self.ffn)
+        hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
         return hidden, weights[0]
+
+    def feed_forward(self, normed: torch.Tensor, moe_stats: list | None) -> torch.Tensor:
+        """Apply the feed-forward sub-layer, collecting a mixture of experts' stats into ``moe_stats``."""
+        if not isinstance(self.ffn, MoEFeedForward):
+            return self.ffn(normed)
+        output, stats = self.ffn(normed)
+        if moe_stats is not None:
+            moe_stats.append(stats)
+        return output

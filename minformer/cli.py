@@ -48,7 +48,8 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """One line per logged step on stderr: step, loss, learning rate, tokens/s and ETA."""
+    """One line per logged step on stderr: step, loss, learning rate, tokens/s and ETA, and for a
+    mixture-of-experts model the auxiliary loss and the share of dropped expert assignments."""
 
     def __init__(self, log_interval: int):
         self.log_interval = log_interval
@@ -58,6 +59,10 @@ class ProgressDisplay:
         if "tokens_per_second" not in record and "val_loss_estimate" not in record:
             return
         parts = [f"step {step:>6}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        if "aux_loss" in record:
+            parts.append(f"aux {record['aux_loss']:.4f}")
+        if "moe_dropped_fraction" in record:
+            parts.append(f"dropped {record['moe_dropped_fraction']:.1%}")
         if "tokens_per_second" in record:
             rate = record["tokens_per_second"]
             seconds_per_step = record["train_seconds"] / max(step, 1)
@@ -128,6 +133,13 @@ def command_train(args, extra: list[str]) -> int:
 
     eval_start = time.perf_counter()
     val_loss, val_tokens, val_per_char = trainer.evaluate()
+    if val_per_char != val_per_char:  # NaN: the objective has no per-character reading (masked LM)
+        val_per_char = None
+    masked_accuracy = None
+    if trainer.config.objective.kind == "masked_lm":
+        from minformer.training.objectives import held_out_masked_accuracy
+
+        masked_accuracy = held_out_masked_accuracy(trainer.model, trainer.objective, trainer.eval_batch_size, trainer.device)
     eval_seconds = time.perf_counter() - eval_start
     report = {
         "step": result.steps_done,
@@ -139,12 +151,17 @@ def command_train(args, extra: list[str]) -> int:
         "tokens_per_second": result.tokens_per_second,
         "train_seconds": result.train_seconds,
         "eval_seconds": eval_seconds,
+        "masked_accuracy": masked_accuracy,
     }
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    target_kind = "masked" if masked_accuracy is not None else "held-out"
+    per_char = f" ({val_per_char:.4f} nats/char)" if val_per_char is not None and trainer.config.tokenizer.kind != "char" else ""
+    rows = [("validation loss", f"{val_loss:.4f} nats/token over all {val_tokens:,} {target_kind} tokens{per_char}")]
+    if masked_accuracy is not None:
+        rows.append(("masked-token accuracy", f"{masked_accuracy:.4f} on the held-out text"))
     print_summary(
-        [
-            ("validation loss", f"{val_loss:.4f} nats/token over all {val_tokens:,} held-out tokens"
-             + (f" ({val_per_char:.4f} nats/char)" if trainer.config.tokenizer.kind != "char" else "")),
+        rows
+        + [
             ("parameters", f"{result.n_parameters:,}"),
             ("tokens seen", f"{result.tokens_seen:,} in {result.steps_done} steps"),
             ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
@@ -161,6 +178,11 @@ def command_sample(args) -> int:
     from minformer.runs import load
 
     model, tokenizer = load(args.run_dir)
+    if model.config.family != "gpt":
+        raise ValueError(
+            f"{args.run_dir} holds a {model.config.family} model, which does not generate text left to right; "
+            "`minformer sample` needs a gpt run."
+        )
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.encode("\n")
     if len(prompt_ids) > model.config.max_seq_len:
         raise ValueError(
@@ -214,6 +236,12 @@ def command_plot(args) -> int:
         return 0
     if args.what == "attention":
         return plot_attention(args)
+    if args.what == "experts":
+        if not args.run_dir:
+            raise ValueError("`minformer plot experts` needs RUN_DIR.")
+        out_path = Path(args.out or Path(args.run_dir) / "experts.png")
+        print(plots.plot_expert_load(Path(args.run_dir) / "metrics.jsonl", out_path))
+        return 0
     raise ValueError(f"Unknown plot {args.what!r}.")
 
 
@@ -288,7 +316,9 @@ def command_search(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minformer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="minformer", description="The Transformer family from scratch: prepare corpora, train, sample, evaluate."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -351,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.add_argument("--model-dir", help=model_dir_help)
 
     plot = commands.add_parser("plot", help="draw figures as PNG files")
-    plot.add_argument("what", choices=["positions", "attention"], help="positions: each position scheme; "
-                      "attention: a run's attention maps on --text, layer by head")
-    plot.add_argument("run_dir", nargs="?", help="with `attention`: the run directory")
+    plot.add_argument("what", choices=["positions", "attention", "experts"], help="positions: each position scheme; "
+                      "attention: a run's attention maps on --text, layer by head; "
+                      "experts: a mixture-of-experts run's share of tokens per expert over training")
+    plot.add_argument("run_dir", nargs="?", help="with `attention` or `experts`: the run directory")
     plot.add_argument("--text", help="with `attention`: the text to attend over")
-    plot.add_argument("--out", help="output folder (positions) or PNG file (attention)")
+    plot.add_argument("--out", help="output folder (positions) or PNG file (attention, experts)")
 
     experiment = commands.add_parser(
         "experiment",

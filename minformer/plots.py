@@ -123,3 +123,40 @@ def save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return Path(path)
+
+
+def plot_expert_load(metrics_path: Path, out_path: Path) -> Path:
+    """Draw each expert's share of its layer's assignments against step, one panel per mixture-of-experts layer.
+
+    Reads the ``moe_layer{L}_expert{E}_share`` fields of a metrics.jsonl file; a horizontal line
+    marks the uniform share 1 / n_experts.
+    """
+    import re
+
+    records = read_metrics(metrics_path)
+    share_name = re.compile(r"moe_layer(\d+)_expert(\d+)_share$")
+    experts_by_layer: dict[int, set[int]] = {}
+    for record in records:
+        for name in record:
+            match = share_name.match(name)
+            if match:
+                experts_by_layer.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    if not experts_by_layer:
+        raise ValueError(f"{metrics_path} has no moe_layer*_expert*_share fields; is it a mixture-of-experts run?")
+
+    layers = sorted(experts_by_layer)
+    figure, grid = plt.subplots(len(layers), 1, figsize=(7, 2.8 * len(layers)), squeeze=False)
+    for axes, layer in zip(grid[:, 0], layers):
+        experts = sorted(experts_by_layer[layer])
+        for expert in experts:
+            name = f"moe_layer{layer}_expert{expert}_share"
+            points = [(record["step"], record[name]) for record in records if name in record]
+            axes.plot([step for step, _ in points], [share for _, share in points], linewidth=0.8, label=f"expert {expert}")
+        axes.axhline(1 / len(experts), color="black", linestyle="--", linewidth=0.8, label="uniform")
+        axes.set_title(f"block {layer}", fontsize=9)
+        axes.set_ylabel("share of assignments")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, ncol=min(len(experts) + 1, 5))
+    grid[-1, 0].set_xlabel("optimizer step")
+    figure.suptitle("load per expert (before capacity dropping)")
+    return save(figure, Path(out_path))

@@ -125,7 +125,7 @@ def yarn_ramp(d_head: int, base: float, original_max_seq_len: int, beta_fast: fl
     high = min(math.ceil(dimension_for_rotations(beta_slow)), d_head - 1)
     if low == high:
         high += 0.001  # keeps the ramp finite when both bounds land on one dimension
-    pair_index = torch.arange(d_head // 2, dtype=torch.float64)
+    pair_index = torch.arange(d_head // 2, dtype=torch.float64, device="cpu")
     return ((pair_index - low) / (high - low)).clamp(0.0, 1.0)
 
 
@@ -149,7 +149,8 @@ def rope_inverse_frequencies(
         raise ValueError(f"rope_scaling={scaling!r} is invalid; allowed values: {', '.join(map(repr, ROPE_SCALINGS))}.")
     if scaling == "ntk":
         base = base * factor ** (d_head / (d_head - 2))
-    exponents = torch.arange(0, d_head, 2, dtype=torch.float64) / d_head
+    # On the CPU explicitly: a model built under torch.device("meta") still needs real numbers here.
+    exponents = torch.arange(0, d_head, 2, dtype=torch.float64, device="cpu") / d_head
     inv_freq = 1.0 / base**exponents
     if scaling == "linear":
         inv_freq = inv_freq / factor

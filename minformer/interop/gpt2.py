@@ -88,6 +88,8 @@ GPT_REQUIRED_VALUES = {
     "norm_position": "pre",
     "position": "learned",
     "bias": True,
+    "sliding_window": None,
+    "moe_every": 0,
 }
 
 # Buffers that older transformers versions saved with each block (the causal mask and its fill

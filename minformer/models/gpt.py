@@ -19,7 +19,8 @@ from torch import nn
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_config_file
-from minformer.feedforward import ACTIVATIONS
+from minformer.feedforward import ACTIVATIONS, FeedForward
+from minformer.moe import MoEFeedForward, MoEStats
 from minformer.norms import NORMS, build_norm
 from minformer.cache import KVCache
 from minformer.positions import (
@@ -91,6 +92,18 @@ class GPTConfig:
     """Whether the output layer shares its weight with the token embedding."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
+    moe_every: int = 0
+    """0 for dense blocks; n > 0 makes the feed-forward of every n-th block (indices n-1, 2n-1, ...) a mixture of experts."""
+    moe_n_experts: int = 8
+    """Mixture of experts: number of experts per layer."""
+    moe_top_k: int = 2
+    """Mixture of experts: experts per token; 1 is Switch routing, 2 or more is Mixtral routing."""
+    moe_capacity_factor: float | None = None
+    """Mixture of experts: each expert takes at most ceil(factor * tokens * top_k / n_experts) assignments; None or 0 for no limit."""
+    moe_balance_coef: float = 0.01
+    """Mixture of experts: weight of the Switch load-balancing loss."""
+    moe_z_loss_coef: float = 0.001
+    """Mixture of experts: weight of the router z-loss."""
 
     family = "gpt"
 
@@ -139,6 +152,30 @@ class GPTConfig:
         check_choice("bias", self.bias, (True, False))
         check_choice("tie_embeddings", self.tie_embeddings, (True, False))
         check_positive("init_std", self.init_std)
+        self.check_moe_options()
+
+    def check_moe_options(self) -> None:
+        """Raise a ``ValueError`` for invalid ``moe_*`` fields."""
+        check_int("moe_every", self.moe_every, minimum=0)
+        if self.moe_every > self.n_layers:
+            raise ValueError(
+                f"moe_every={self.moe_every} exceeds n_layers={self.n_layers}, so no block would be a mixture "
+                "of experts; set moe_every between 1 and n_layers, or 0 for a dense model."
+            )
+        check_int("moe_n_experts", self.moe_n_experts)
+        check_int("moe_top_k", self.moe_top_k)
+        if self.moe_top_k > self.moe_n_experts:
+            raise ValueError(
+                f"moe_top_k={self.moe_top_k} is invalid; it must be at most moe_n_experts={self.moe_n_experts}."
+            )
+        if self.moe_capacity_factor is not None:
+            check_positive("moe_capacity_factor", self.moe_capacity_factor, allow_zero=True)
+        check_positive("moe_balance_coef", self.moe_balance_coef, allow_zero=True)
+        check_positive("moe_z_loss_coef", self.moe_z_loss_coef, allow_zero=True)
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether block ``layer_index`` (from 0) has a mixture-of-experts feed-forward."""
+        return self.moe_every > 0 and (layer_index + 1) % self.moe_every == 0
 
     def check_position_options(self) -> None:
         """Raise a ``ValueError`` for invalid ``rope_*`` and ``t5_*`` fields."""
@@ -215,8 +252,8 @@ class GPTConfig:
         """Return the config as a ``model`` section, with its family."""
         return {"family": self.family, **dataclasses.asdict(self)}
 
-    def block_config(self) -> BlockConfig:
-        """The per-block fields: causal self-attention, no cross-attention."""
+    def block_config(self, layer_index: int | None = None) -> BlockConfig:
+        """The fields of block ``layer_index``: causal self-attention, no cross-attention; dense when the index is None."""
         return BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -232,6 +269,12 @@ class GPTConfig:
             bias=self.bias,
             causal=True,
             sliding_window=self.sliding_window,
+            moe=layer_index is not None and self.is_moe_layer(layer_index),
+            moe_n_experts=self.moe_n_experts,
+            moe_top_k=self.moe_top_k,
+            moe_capacity_factor=self.moe_capacity_factor,
+            moe_balance_coef=self.moe_balance_coef,
+            moe_z_loss_coef=self.moe_z_loss_coef,
         )
 
 
@@ -243,6 +286,10 @@ class ModelOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     attentions: list[torch.Tensor] | None = None
+    aux_loss: torch.Tensor | None = None
+    """Sum of every mixture-of-experts layer's weighted balancing and z losses; None for a dense model."""
+    moe_stats: dict[int, MoEStats] | None = None
+    """Routing statistics per mixture-of-experts layer, keyed by block index; None for a dense model."""
 
 
 class GPT(nn.Module):
@@ -256,7 +303,7 @@ class GPT(nn.Module):
         self.rotary = build_rotary(config)
         self.score_bias = build_score_bias(config, bidirectional=False)
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config.block_config()) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(config.block_config(index)) for index in range(config.n_layers))
         self.final_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -278,7 +325,9 @@ class GPT(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.ffn.fc_out.weight, mean=0.0, std=residual_std)
+            for feed_forward in block.ffn.modules():  # the dense network, or each expert
+                if isinstance(feed_forward, FeedForward):
+                    nn.init.normal_(feed_forward.fc_out.weight, mean=0.0, std=residual_std)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Count parameters once each (tied weights once); ``non_embedding`` leaves out embedding tables."""
@@ -288,6 +337,16 @@ class GPT(nn.Module):
             total -= self.token_embedding.weight.numel()
             if isinstance(self.position_embedding, nn.Module) and hasattr(self.position_embedding, "weight"):
                 total -= self.position_embedding.weight.numel()
+        return total
+
+    def num_active_parameters(self, non_embedding: bool = False) -> int:
+        """Count the parameters one token uses: as ``num_parameters``, with each mixture-of-experts layer's
+        experts counted top_k / n_experts-wise, since a token runs only top_k of them."""
+        total = self.num_parameters(non_embedding)
+        for block in self.blocks:
+            if isinstance(block.ffn, MoEFeedForward):
+                expert_params = sum(p.numel() for p in block.ffn.experts.parameters())
+                total -= expert_params - expert_params * block.ffn.top_k // block.ffn.n_experts
         return total
 
     def check_inputs(
@@ -354,8 +413,10 @@ class GPT(nn.Module):
         if self.score_bias is not None:
             score_bias = self.score_bias(seq_len, past_len + seq_len, input_ids.device)  # (1, heads, seq, k_len)
         attentions = []
+        moe_stats: dict[int, MoEStats] = {}
         for layer_index, block in enumerate(self.blocks):
             layer_cache = kv_cache.layers[layer_index] if kv_cache is not None else None
+            layer_moe_stats: list[MoEStats] = []
             hidden, attn_weights = block(
                 hidden,
                 mask=mask,
@@ -363,12 +424,22 @@ class GPT(nn.Module):
                 bias=score_bias,
                 rotation=rotation,
                 kv_cache=layer_cache,
+                moe_stats=layer_moe_stats,
             )
             attentions.append(attn_weights)
+            if layer_moe_stats:
+                moe_stats[layer_index] = layer_moe_stats[0]
         hidden = self.final_norm(hidden)
         logits = self.lm_head(hidden)  # (batch, seq, vocab)
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss, attentions=attentions if return_attentions else None)
+        aux_loss = sum(stats.aux_loss for stats in moe_stats.values()) if moe_stats else None
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            attentions=attentions if return_attentions else None,
+            aux_loss=aux_loss,
+            moe_stats=moe_stats or None,
+        )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minformer.data.datasets import RandomWindows, evaluation_windows
+from minformer.moe import moe_metrics
 
 
 @dataclass
@@ -85,7 +86,11 @@ class CausalLMObjective:
 
     def loss(self, model, batch: dict) -> LossParts:
         output = model(batch["input_ids"])
-        return LossParts(nats=summed_cross_entropy(output.logits, batch["targets"]), aux_loss=getattr(output, "aux_loss", None))
+        return LossParts(
+            nats=summed_cross_entropy(output.logits, batch["targets"]),
+            aux_loss=getattr(output, "aux_loss", None),
+            metrics=moe_metrics(getattr(output, "moe_stats", None)) or None,
+        )
 
     def eval_batches(self, batch_size: int, n_windows: int | None = None) -> Iterator[dict]:
         """Held-out batches: every window, or ``n_windows`` evenly spaced ones (the same every time)."""

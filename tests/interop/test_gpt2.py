@@ -396,3 +396,10 @@ def test_library_never_imports_transformers(tmp_path):
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_to_hf_rejects_sliding_window(tmp_path):
+    model = GPT(GPTConfig(vocab_size=101, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, sliding_window=4))
+
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        to_hf(model, tmp_path)

@@ -1,23 +1,23 @@
 """Mixture-of-experts feed-forward layer: a router, top-k routing, expert capacity and balancing losses.
 
 Each token's hidden vector goes to the ``top_k`` experts with the highest router logits, and the
-layer returns the gate-weighted sum of those experts' outputs (Shazeer et al. 2017, eq. 1).
+layer returns the gate-weighted sum of those experts' outputs (Shazeer et al. 2017).
 
-- top_k = 1 is the Switch Transformer (Fedus et al. 2021, eq. 2): the gate is the router's
+- top_k = 1 is the Switch Transformer (Fedus et al. 2021): the gate is the router's
   softmax probability of the chosen expert over all experts, not renormalised.
-- top_k >= 2 follows Mixtral (Jiang et al. 2024, sec. 2.1): the gates are a softmax over the
+- top_k >= 2 follows Mixtral (Jiang et al. 2024): the gates are a softmax over the
   k chosen logits, so they sum to one.
-- Capacity (Fedus et al. 2021, eq. 3): with ``capacity_factor`` set, each expert takes at most
+- Capacity (Fedus et al. 2021): with ``capacity_factor`` set, each expert takes at most
   ceil(capacity_factor * tokens * top_k / n_experts) assignments and drops the rest. A dropped
   assignment contributes zero, so a token with no kept assignment leaves the layer as zeros and
   passes through the block's residual connection unchanged.
-- Load balancing (Fedus et al. 2021, eq. 4): coef * n_experts * sum_i f_i * P_i, where f_i is the
+- Load balancing (Fedus et al. 2021): coef * n_experts * sum_i f_i * P_i, where f_i is the
   fraction of the tokens * top_k assignments routed to expert i, counted before capacity
   dropping, and P_i is the mean router probability of expert i. Uniform routing gives coef.
-- Router z-loss (Zoph et al. 2022, "ST-MoE", eq. 5): coef * mean over tokens of logsumexp(logits)^2.
+- Router z-loss (Zoph et al. 2022, "ST-MoE"): coef * mean over tokens of logsumexp(logits)^2.
 
 The router runs in fp32 even under autocast, because its softmax decides discrete routing and
-small logit errors flip choices (Fedus et al. 2021, sec. 2.4, "selective precision").
+small logit errors flip choices (Fedus et al. 2021 call this selective precision).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def expert_capacity(capacity_factor: float | None, n_tokens: int, top_k: int, n_
 
 
 def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch load-balancing loss without its coefficient: n_experts * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
+    """Switch load-balancing loss without its coefficient: n_experts * sum_i f_i * P_i (Fedus et al. 2021).
 
     ``router_probs`` (tokens, n_experts) are softmax probabilities over all experts; ``expert_index``
     (tokens, top_k) are the chosen experts. f_i counts assignments, so it has no gradient, and the
@@ -76,7 +76,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss without its coefficient: mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022, eq. 5)."""
+    """Router z-loss without its coefficient: mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022)."""
     return torch.logsumexp(router_logits, dim=-1).square().mean()
 
 
@@ -137,9 +137,9 @@ class MoEFeedForward(nn.Module):
         router_logits = self.router(tokens)  # (n_tokens, n_experts), fp32
         router_probs, expert_index, gates = self.route(router_logits)
 
-        # Assignments in choice-major order: every token's first choice in token order, then every
-        # token's second choice, and so on (as GShard does), so under capacity pressure a
-        # first choice is never dropped in favour of another token's second choice.
+        # Assignments are in choice-major order, as in GShard (Lepikhin et al. 2020): every token's
+        # first choice in token order, then every second choice, and so on. So under capacity
+        # pressure a first choice is never dropped in favour of another token's second choice.
         assigned_expert = expert_index.t().reshape(-1)  # (k * n_tokens,)
         assigned_token = torch.arange(n_tokens, device=tokens.device).repeat(self.top_k)
         assigned_gate = gates.t().reshape(-1)
@@ -148,6 +148,8 @@ class MoEFeedForward(nn.Module):
         # so the first `capacity` entries of a group are the ones an expert keeps.
         order = torch.argsort(assigned_expert, stable=True)
         counts = torch.bincount(assigned_expert, minlength=self.n_experts).tolist()
+        # NOTE: capacity scales with the tokens of this call, so cached decoding (one token per call)
+        # can keep assignments that a full forward drops. Padding tokens are routed and counted too.
         capacity = expert_capacity(self.capacity_factor, n_tokens, self.top_k, self.n_experts)
 
         kept_slots, expert_outputs = [], []

@@ -214,3 +214,57 @@ def test_flash_backend_runs_its_own_kernel():
     output, _ = scaled_dot_product_attention(queries, queries, queries, causal=True, backend="flash")
 
     assert type(output.grad_fn).__name__ == "FlashAttentionFunctionBackward"
+
+
+@HYPOTHESIS
+@given(
+    layout=st.sampled_from([(4, 4), (4, 2), (4, 1), (6, 3), (2, 1)]),
+    q_len=st.integers(1, 10),
+    memory_len=st.integers(1, 10),
+    cross=st.booleans(),
+    use_padding=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 6)),
+    seed=st.integers(0, 2**16),
+)
+def test_multi_head_backends_agree_for_every_head_layout(layout, q_len, memory_len, cross, use_padding, window, seed):
+    n_heads, n_kv_heads = layout
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, q_len, 24, generator=generator)
+    memory = torch.randn(2, memory_len, 24, generator=generator) if cross else None
+    k_len = memory_len if cross else q_len
+    padding = (torch.rand(2, 1, 1, k_len, generator=generator) > 0.3) if use_padding else None
+    upstream = torch.randn(2, q_len, 24, generator=generator)
+
+    torch.manual_seed(seed)
+    reference_module = MultiHeadAttention(24, n_heads, n_kv_heads, d_head=4, backend="naive", causal=not cross, window=window)
+    results = {}
+    for backend in ("naive", "sdpa", "flash"):
+        module = MultiHeadAttention(24, n_heads, n_kv_heads, d_head=4, backend=backend, causal=not cross, window=window)
+        module.load_state_dict(reference_module.state_dict())
+        inputs = hidden.clone().requires_grad_(True)
+        output, _ = module(inputs, memory=memory, mask=padding)
+        (output * upstream).sum().backward()
+        gradients = torch.cat([inputs.grad.flatten()] + [p.grad.flatten() for p in module.parameters()])
+        results[backend] = (output.detach(), gradients)
+
+    naive_output, naive_gradients = results["naive"]
+    for backend in ("sdpa", "flash"):
+        output, gradients = results[backend]
+        torch.testing.assert_close(output, naive_output, atol=1e-5, rtol=1e-5)
+        assert max_relative_difference(gradients, naive_gradients) <= 1e-5, backend
+
+
+def test_cross_attention_matches_manual_computation():
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(8, 2, n_kv_heads=1, backend="naive").eval()
+    hidden, memory = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+
+    output, weights = attention(hidden, memory=memory, return_weights=True)
+
+    queries = attention.q_proj(hidden).view(1, 3, 2, 4).transpose(1, 2)
+    keys = attention.k_proj(memory).view(1, 5, 1, 4).transpose(1, 2).expand(1, 2, 5, 4)
+    values = attention.v_proj(memory).view(1, 5, 1, 4).transpose(1, 2).expand(1, 2, 5, 4)
+    expected_weights = torch.softmax(queries @ keys.transpose(-2, -1) / 2.0, dim=-1)
+    expected = attention.out_proj((expected_weights @ values).transpose(1, 2).reshape(1, 3, 8))
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(output, expected)

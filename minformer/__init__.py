@@ -13,11 +13,12 @@ def from_hf(directory):
     return _from_hf(directory)
 
 
-def to_hf(model, directory):
-    """Write ``model`` as a Hugging Face checkpoint directory (config.json and model.safetensors)."""
+def to_hf(model, directory, tokenizer=None):
+    """Write ``model`` as a Hugging Face checkpoint directory (config.json and model.safetensors),
+    and ``tokenizer.json`` when a tokenizer is given."""
     from minformer.interop import to_hf as _to_hf
 
-    return _to_hf(model, directory)
+    return _to_hf(model, directory, tokenizer)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from minformer import __version__
 from minformer.config import parse_override_value, preset_names
 
 PROMPT_HELP = (
@@ -91,12 +92,17 @@ def command_prepare(args) -> int:
 
     start = time.perf_counter()
     if args.what == "shakespeare":
+        if args.paths or args.name:
+            raise ValueError("`minformer prepare shakespeare` takes no paths or --name; use `minformer prepare text` for your own files.")
         path = prepare_shakespeare(force=args.force)
+        print(f"prepared {path} and {path.parent / 'shakespeare-folio'} in {time.perf_counter() - start:.1f} s")
+        return 0
     else:
         if not args.paths or not args.name:
             raise ValueError("`minformer prepare text` needs FILE_OR_DIR... and --name NAME.")
         path = prepare_text([Path(p) for p in args.paths], args.name, val_fraction=args.val_fraction)
-    print(f"prepared {path} in {time.perf_counter() - start:.1f} s")
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    print(f"prepared {path} in {time.perf_counter() - start:.1f} s; split: {manifest.get('split_rule', 'see manifest.json')}")
     return 0
 
 
@@ -107,7 +113,10 @@ def command_train(args, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     if args.resume:
         if args.config or overrides or args.init_from:
-            raise ValueError("--resume RUN_DIR continues a run with its own config; give no preset, overrides or --init-from.")
+            raise ValueError(
+                "--resume RUN_DIR continues a run with its own config; give no preset, overrides or --init-from. "
+                "To train longer, start a new run with a larger --train.max_steps."
+            )
         run_dir, raw = Path(args.resume), {}
     else:
         if not args.config:
@@ -115,6 +124,8 @@ def command_train(args, extra: list[str]) -> int:
         if not args.out:
             raise ValueError("Give the run directory with --out RUN_DIR.")
         run_dir, raw = Path(args.out), load_run_config(args.config, overrides)
+        if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
+            raise ValueError(f"--out {run_dir} exists and is not empty; give a new or empty folder for the run.")
 
     trainer = Trainer(raw, run_dir, resume=bool(args.resume), init_from=args.init_from)
     trainer.on_log = ProgressDisplay(trainer.config.train.log_interval)
@@ -122,9 +133,12 @@ def command_train(args, extra: list[str]) -> int:
     print(
         f"training {model_config.family} ({trainer.model.num_parameters() / 1e6:.2f}M parameters) on "
         f"{trainer.config.data.corpus}: {trainer.objective.describe()}; "
-        f"device {trainer.device}, {trainer.config.train.dtype}, {torch.get_num_threads()} threads",
+        f"device {trainer.device}, {trainer.config.train.dtype}, {torch.get_num_threads()} "
+        f"thread{'s' if torch.get_num_threads() != 1 else ''}",
         file=sys.stderr,
     )
+    if args.resume and trainer.step >= trainer.config.train.max_steps:
+        print(f"{run_dir} already finished all {trainer.step} steps; evaluating its final checkpoint.", file=sys.stderr)
     result = trainer.run()
     if result.interrupted:
         print(f"interrupted: checkpoint of step {result.steps_done} written; continue with "
@@ -132,7 +146,12 @@ def command_train(args, extra: list[str]) -> int:
         return 130
 
     eval_start = time.perf_counter()
-    val_loss, val_tokens, val_per_char = trainer.evaluate()
+    try:
+        val_loss, val_tokens, val_per_char = trainer.evaluate()
+    except KeyboardInterrupt:
+        print(f"interrupted during the final evaluation; the checkpoint of step {result.steps_done} is saved. "
+              f"Evaluate it with `minformer eval {run_dir}`.", file=sys.stderr)
+        return 130
     if val_per_char != val_per_char:  # NaN: the objective has no per-character reading (masked LM)
         val_per_char = None
     masked_accuracy = None
@@ -153,7 +172,7 @@ def command_train(args, extra: list[str]) -> int:
         "eval_seconds": eval_seconds,
         "masked_accuracy": masked_accuracy,
     }
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     target_kind = "masked" if masked_accuracy is not None else "held-out"
     per_char = f" ({val_per_char:.4f} nats/char)" if val_per_char is not None and trainer.config.tokenizer.kind != "char" else ""
     rows = [("validation loss", f"{val_loss:.4f} nats/token over all {val_tokens:,} {target_kind} tokens{per_char}")]
@@ -183,7 +202,14 @@ def command_sample(args) -> int:
             f"{args.run_dir} holds a {model.config.family} model, which does not generate text left to right; "
             "`minformer sample` needs a gpt run."
         )
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.encode("\n")
+    try:
+        prompt_ids = tokenizer.encode(args.prompt) if args.prompt else tokenizer.encode("\n")
+    except ValueError as error:
+        message = str(error).split(" Build the tokenizer")[0]
+        raise ValueError(
+            f"{message} This run's tokenizer only has the characters of its training corpus; remove that character "
+            "from --prompt."
+        ) from None
     if len(prompt_ids) > model.config.max_seq_len:
         raise ValueError(
             f"The prompt has {len(prompt_ids)} tokens but the model's context is {model.config.max_seq_len}; shorten it."
@@ -231,6 +257,8 @@ def command_plot(args) -> int:
     from minformer import plots
 
     if args.what == "positions":
+        if args.run_dir:
+            raise ValueError("`minformer plot positions` takes no run directory; it draws the schemes themselves.")
         for path in plots.plot_positions(Path(args.out or "plots")):
             print(path)
         return 0
@@ -312,6 +340,11 @@ def command_search(args) -> int:
     corpus = load_corpus(args.corpus)
     documents = corpus.documents("train") + corpus.documents("val")
     lines = sample_lines(documents, args.n_lines, seed=args.seed)
+    if not lines:
+        raise ValueError(
+            f"Corpus {args.corpus!r} has no line of at least 30 characters; search indexes only such lines "
+            "(shorter ones are mostly headings and speaker names)."
+        )
     cache_path = cache_dir() / "embeddings" / f"{args.corpus}-{args.n_lines}-{args.seed}.safetensors"
     start = time.perf_counter()
     line_embeddings = cached_line_embeddings(lines, cache_path, args.model_dir)
@@ -327,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minformer", description="The Transformer family from scratch: prepare corpora, train, sample, evaluate."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
+    parser.add_argument("--version", action="version", version=f"minformer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="fetch and prepare a corpus")
@@ -344,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Override any field with --section.field=value, e.g. --train.max_steps=500 --train.dtype=bfloat16.",
     )
     train.add_argument("config", nargs="?", help="preset name or path to a YAML config file")
-    train.add_argument("--out", help="run directory to create")
+    train.add_argument("--out", help="run directory to create (required unless --resume is given)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.add_argument(
         "--init-from",
@@ -355,16 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
-    sample.add_argument("run_dir")
-    sample.add_argument("--prompt", default="", help=PROMPT_HELP)
+    sample.add_argument("run_dir", help="a run directory made by `minformer train`")
+    sample.add_argument("--prompt", default="", help=PROMPT_HELP + " Default: a newline.")
     sample.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1.0)")
-    sample.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    sample.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of mass >= p")
+    sample.add_argument("--top-k", type=int, default=None,
+                        help="sample only among the k most likely tokens (default: off; 0 also turns it off)")
+    sample.add_argument("--top-p", type=float, default=None,
+                        help="sample only from the smallest set of tokens whose probability reaches p (default: off)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
 
     evaluate = commands.add_parser("eval", help="print the exact validation loss of a run")
-    evaluate.add_argument("run_dir")
+    evaluate.add_argument("run_dir", help="a run directory made by `minformer train`")
 
     from minformer.scaling.commands import add_scaling_parser
 
@@ -383,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     search_parser.add_argument("--top-k", type=int, default=5, help="lines to print (default 5)")
     search_parser.add_argument("--corpus", default="shakespeare", help="prepared corpus to search (default shakespeare)")
     search_parser.add_argument("--n-lines", type=int, default=4000,
-                               help="lines sampled from the corpus, embedded once and cached (default 4000)")
+                               help="lines of at least 30 characters sampled from the corpus, embedded once and "
+                               "cached (default 4000)")
     search_parser.add_argument("--seed", type=int, default=0, help="seed of the line sample (default 0)")
     search_parser.add_argument("--model-dir", help=model_dir_help)
 
@@ -393,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "experts: a mixture-of-experts run's share of tokens per expert over training")
     plot.add_argument("run_dir", nargs="?", help="with `attention` or `experts`: the run directory")
     plot.add_argument("--text", help="with `attention`: the text to attend over")
-    plot.add_argument("--out", help="output folder (positions) or PNG file (attention, experts)")
+    plot.add_argument("--out", help="output folder for positions (default: plots/), or PNG file for attention and "
+                      "experts (default: inside RUN_DIR)")
 
     experiment = commands.add_parser(
         "experiment",
@@ -446,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"minformer: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("minformer: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -574,12 +574,14 @@ def _write_corpus(name: str, source: dict, split_rule: str, documents: list[_Doc
     corpora = cache_dir() / "corpora"
     corpora.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=corpora))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it owner-only; a cache is shared like any folder
     try:
         for split in SPLITS:
             (staging / split).mkdir()
         entries = []
         for index, document in enumerate(documents):
             safe_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", document.id)[:80]
+            safe_id = safe_id[: -len(".txt")] if safe_id.endswith(".txt") else safe_id
             file = f"{document.split}/{index:04d}-{safe_id}.txt"
             data = document.text.encode("utf-8")
             (staging / file).write_bytes(data)
@@ -599,6 +601,12 @@ def _write_corpus(name: str, source: dict, split_rule: str, documents: list[_Doc
         raise
     logger.info("prepared corpus %s in %s (%s characters)", name, corpora / name, totals)
     return corpora / name
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

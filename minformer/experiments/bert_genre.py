@@ -175,8 +175,9 @@ def run_bert_genre(out_dir: Path, corpus_name: str = "shakespeare", quick: bool 
     test_plays = {play: value for play, value in plays.items() if play in HELD_OUT_PLAYS}
     if not train_plays or not test_plays:
         raise ValueError(
-            f"Corpus {corpus_name!r} needs plays of corpus.PLAYS in both the training plays and the held-out plays "
-            f"({', '.join(HELD_OUT_PLAYS)}); it has {len(train_plays)} and {len(test_plays)}."
+            f"The bert-genre experiment classifies Shakespeare's plays by genre, so it needs the `shakespeare` corpus "
+            f"(or one with the same play documents); corpus {corpus_name!r} has {len(train_plays)} labelled training "
+            f"plays and {len(test_plays)} of the held-out plays ({', '.join(HELD_OUT_PLAYS)})."
         )
 
     tokenizer = WordPieceTokenizer.train([text for _, text in train_plays.values()], vocab_size=settings.vocab_size)

@@ -141,7 +141,7 @@ def format_table(results: dict) -> str:
     contexts = settings["eval_contexts"]
     header = "| position | " + " | ".join(f"val loss @ {context}" for context in contexts) + " | train s |"
     lines = [
-        f"Validation loss (nats per character) on the held-out plays of `{results['corpus']}`, "
+        f"Validation loss (nats per character) on the held-out text of the corpus `{results['corpus']}`, "
         f"models trained at context {settings['train_context']} for {settings['steps']} steps "
         f"(d_model {settings['d_model']}, {settings['n_layers']} layers, {settings['n_heads']} heads).",
         "",
@@ -153,7 +153,7 @@ def format_table(results: dict) -> str:
         for context in contexts:
             value = row["val_loss"].get(str(context), row["val_loss"].get(context))
             cells.append("n/a (no position past the table)" if value is None else f"{value:.4f}")
-        lines.append(f"| {row['scheme']} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
+        lines.append(f"| {row['scheme']} | " + " | ".join(cells) + f" | {row['train_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

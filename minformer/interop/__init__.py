@@ -88,11 +88,18 @@ def config_from_hf(directory: str | Path):
     return family_for_directory(directory).read_config(directory)
 
 
-def to_hf(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint (config.json, model.safetensors) in ``directory``; returns it."""
+def to_hf(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint (config.json, model.safetensors) in ``directory``; returns it.
+
+    With ``tokenizer`` (a minformer tokenizer), its ``tokenizer.json`` is written too, so that the
+    directory also serves ``minformer train --init-from``.
+    """
     for family in FAMILIES.values():
         if isinstance(model, family.model_class):
-            return family.save(model, Path(directory))
+            written = family.save(model, Path(directory))
+            if tokenizer is not None:
+                tokenizer.save(Path(directory) / "tokenizer.json")
+            return written
     supported = ", ".join(
         model_class.__name__
         for family in FAMILIES.values()

@@ -63,7 +63,7 @@ def add_scaling_parser(commands) -> None:
         "flops may be omitted (6 N D is used).",
     )
     fit.add_argument("results", help="JSON-lines file of runs")
-    fit.add_argument("--out", default=None, help="folder for the PNG figures (default: next to RESULTS)")
+    fit.add_argument("--out", default=None, help="folder for the PNG figures (default: a folder named after RESULTS without its extension, beside it)")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the Approach-3 intervals (default 200)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
 
@@ -98,10 +98,11 @@ def optimal_rows(args) -> list[tuple[str, Allocation | str]]:
 
 
 def command_optimal(args) -> int:
+    rows = list(optimal_rows(args))  # computed first, so that invalid input fails before the header prints
     header = f"{'source':<48} {'FLOPs':>9} {'params':>8} {'tokens':>8} {'tokens/param':>12} {'loss':>6}"
     print(header)
     print("-" * len(header))
-    for source, allocation in optimal_rows(args):
+    for source, allocation in rows:
         if isinstance(allocation, str):
             print(f"{source:<48} {allocation}")
             continue
@@ -136,6 +137,8 @@ def command_count(args) -> int:
 def read_runs(path: Path) -> dict[str, list[float]]:
     """Read {params, tokens, flops, loss} rows of a JSON-lines file; flops defaults to 6 N D."""
     columns = {"params": [], "tokens": [], "flops": [], "loss": []}
+    if not Path(path).is_file():
+        raise ValueError(f"Results file not found: {path}; give a JSON-lines file of runs with params, tokens and loss.")
     for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue

@@ -32,12 +32,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or does not fit the model."""
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; a run is shared like any other file.
+        os.chmod(temp_name, 0o666 & ~current_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
@@ -108,6 +117,7 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, ke
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:07d}"
     temp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=checkpoints))
+    os.chmod(temp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only
     try:
         save_file(model_state_tensors(model), str(temp / "model.safetensors"))
         save_file(optimizer_state_tensors(model, optimizer), str(temp / "optimizer.safetensors"))

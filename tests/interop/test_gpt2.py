@@ -403,3 +403,14 @@ def test_to_hf_rejects_sliding_window(tmp_path):
 
     with pytest.raises(ValueError, match="sliding_window=4"):
         to_hf(model, tmp_path)
+
+
+def test_to_hf_with_tokenizer_writes_tokenizer_json(tmp_path):
+    from minformer.data.tokenizers import BPETokenizer, load_tokenizer
+
+    tokenizer = BPETokenizer.train(["a small text for a small tokenizer"] * 20, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=16, d_model=32, n_layers=1, n_heads=4))
+
+    to_hf(model, tmp_path, tokenizer=tokenizer)
+
+    assert load_tokenizer(tmp_path).encode("a small text") == tokenizer.encode("a small text")

@@ -124,7 +124,9 @@ def command_train(args, extra: list[str]) -> int:
         if not args.out:
             raise ValueError("Give the run directory with --out RUN_DIR.")
         run_dir, raw = Path(args.out), load_run_config(args.config, overrides)
-        if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--out {run_dir} is a file, not a folder; give a folder for the run.")
+        if run_dir.is_dir() and not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
             raise ValueError(f"--out {run_dir} exists and is not empty; give a new or empty folder for the run.")
 
     trainer = Trainer(raw, run_dir, resume=bool(args.resume), init_from=args.init_from)
@@ -193,9 +195,13 @@ def command_train(args, extra: list[str]) -> int:
 
 
 def command_sample(args) -> int:
-    from minformer.generation import generate
+    from minformer.generation import check_sampling_options, generate
     from minformer.runs import load
 
+    # Checked before anything is printed, so that an error never lands after the echoed prompt.
+    check_sampling_options(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid; it must be 0 or more.")
     model, tokenizer = load(args.run_dir)
     if model.config.family != "gpt":
         raise ValueError(

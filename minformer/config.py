@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,7 +38,8 @@ def close_matches_hint(name: str, candidates) -> str:
 
 def check_choice(field: str, value: Any, allowed) -> None:
     """Raise a ``ValueError`` naming ``field`` when ``value`` is not one of ``allowed``."""
-    if value not in allowed:
+    # Compared with types too, so that 1 is not taken for True nor 0.0 for 0.
+    if not any(type(value) is type(choice) and value == choice for choice in allowed):
         raise ValueError(f"{field}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}.")
 
 
@@ -45,6 +47,8 @@ def check_positive(field: str, value: Any, allow_zero: bool = False) -> None:
     """Raise a ``ValueError`` naming ``field`` unless ``value`` is a positive (or non-negative) number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{field}={value!r} is invalid; expected a number.")
+    if not math.isfinite(value):
+        raise ValueError(f"{field}={value!r} is invalid; expected a finite number.")
     if value < 0 or (value == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{field}={value!r} is invalid; it must be {bound}.")
@@ -66,6 +70,15 @@ def dataclass_from_dict(cls, values: Mapping[str, Any], section: str):
             hint = close_matches_hint(key, field_names)
             raise ValueError(f"Unknown field '{section}.{key}'.{hint} Known fields: {', '.join(field_names)}.")
     return cls(**dict(values))
+
+
+def load_preset(name: str) -> dict:
+    """Load a preset shipped with minformer by name (never a path), as a plain dict."""
+    names = preset_names()
+    if name not in names:
+        hint = close_matches_hint(str(name), names)
+        raise ValueError(f"Unknown preset {str(name)!r}.{hint} Available presets: {', '.join(names)}.")
+    return load_config_file(name)
 
 
 def preset_names() -> list[str]:
@@ -99,6 +112,15 @@ def load_config_file(name_or_path: str | Path) -> dict:
         if section not in SECTIONS and section != "format_version":
             hint = close_matches_hint(str(section), SECTIONS)
             raise ValueError(f"Unknown section {section!r} in {source}.{hint} Sections: {', '.join(SECTIONS)}.")
+        if section in SECTIONS and data[section] is not None and not isinstance(data[section], dict):
+            raise ValueError(
+                f"Section {section!r} in {source} must be a mapping of field: value, found {type(data[section]).__name__}."
+            )
+    if data.get("format_version", CONFIG_FORMAT_VERSION) != CONFIG_FORMAT_VERSION:
+        raise ValueError(
+            f"{source} has format_version={data['format_version']!r}; this minformer reads format_version "
+            f"{CONFIG_FORMAT_VERSION}."
+        )
     return data
 
 
@@ -116,6 +138,9 @@ def apply_overrides(config: dict, overrides: Mapping[str, Any], known_fields: Ma
     ``known_fields`` maps each section to its field names, so that a typo fails here with the
     close matches instead of being silently ignored.
     """
+    for section in SECTIONS:
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ValueError(f"Section {section!r} must be a mapping of field: value, found {type(config[section]).__name__}.")
     result = {section: dict(config.get(section) or {}) for section in SECTIONS}
     for dotted, value in overrides.items():
         section, _, field = dotted.partition(".")

@@ -66,8 +66,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a ``ValueError`` for sampling options outside their ranges."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid; use 0 for greedy decoding or a positive value.")
+    if not temperature >= 0 or temperature == float("inf"):  # `not >=` also catches NaN
+        raise ValueError(f"temperature={temperature} is invalid; use 0 for greedy decoding or a positive finite value.")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k={top_k} is invalid; it must be positive (or 0/None to disable).")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -16,18 +16,23 @@ from minformer.training.checkpoint import CheckpointError, latest_checkpoint, lo
 from minformer.training.config import RunConfig, resolve_run_config
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    """Parse ``run_dir/config.yaml`` into a validated ``RunConfig``."""
-    path = Path(run_dir) / "config.yaml"
+def read_config_yaml(path: Path) -> dict:
+    """Read a run's ``config.yaml`` as a dict, raising ``ValueError`` naming the file when it is damaged."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: config.yaml not found.")
+        raise FileNotFoundError(f"{path.parent} is not a run directory: config.yaml not found.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} does not contain a config mapping.")
-    return resolve_run_config(raw)
+    return raw
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """Parse ``run_dir/config.yaml`` into a validated ``RunConfig``."""
+    return resolve_run_config(read_config_yaml(Path(run_dir) / "config.yaml"))
 
 
 def load(run_dir: str | Path, device: str = "cpu"):

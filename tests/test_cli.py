@@ -78,6 +78,11 @@ def test_misspelt_field_lists_close_match(tiny_env, tmp_path, capsys):
         (["--train.device=tpu"], ["train.device='tpu'"]),
         (["--train.batch_size=0"], ["train.batch_size=0"]),
         (["--train.min_lr=1"], ["train.min_lr=1", "train.lr"]),
+        (["--train.lr=.nan"], ["train.lr=nan", "finite"]),
+        (["--model.norm_eps=.inf"], ["norm_eps=inf", "finite"]),
+        (["--model.dropout=.nan"], ["dropout=nan"]),
+        (["--model.bias=1"], ["bias=1"]),
+        (["--model.family=bert"], ["objective.kind='causal_lm'", "model.family='bert'", "masked_lm"]),
     ],
 )
 def test_invalid_config_value_names_field(tiny_env, tmp_path, capsys, overrides, fragments):
@@ -288,3 +293,68 @@ def test_eval_of_folder_without_run_fails(tmp_path, capsys):
 
     assert exit_code == 2
     assert "config.yaml" in error
+
+
+def test_family_override_checks_fields_of_new_family(tiny_env, tmp_path, capsys):
+    # type_vocab_size is a BERT field: it must be accepted once the family is overridden to bert,
+    # and the run then fails only because causal LM cannot train an encoder.
+    assert_train_fails(
+        ["gpt-tiny", *TINY_OVERRIDES, "--model.family=bert", "--model.type_vocab_size=3"],
+        tmp_path,
+        capsys,
+        "objective.kind='causal_lm'",
+    )
+
+
+@pytest.mark.parametrize("content", ["model: [1, 2]\n", "model:\n  family: gpt\ntrain: 5\n", "format_version: 99\nmodel:\n  family: gpt\n"])
+def test_malformed_config_file_is_one_line_error(tiny_env, tmp_path, capsys, content):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text(content, encoding="utf-8")
+
+    assert_train_fails([str(config_file)], tmp_path, capsys)
+
+
+def test_out_that_is_a_file_is_rejected(tiny_env, tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("notes", encoding="utf-8")
+
+    exit_code, _, error = run_main(["train", "gpt-tiny", *TINY_OVERRIDES, "--out", str(target)], capsys)
+
+    assert exit_code == 2
+    assert "is a file" in error or "not empty" in error
+    assert target.read_text(encoding="utf-8") == "notes"
+
+
+def test_out_that_is_a_non_empty_folder_is_rejected(tiny_env, tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
+
+    exit_code, _, error = run_main(["train", "gpt-tiny", *TINY_OVERRIDES, "--out", str(folder)], capsys)
+
+    assert exit_code == 2
+    assert "not empty" in error
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt"]
+
+
+def test_resume_with_damaged_config_yaml_is_one_line_error(trained_run, tiny_env, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run[0], run_dir, symlinks=True)
+    (run_dir / "config.yaml").write_text("model: {family: gpt\n", encoding="utf-8")
+
+    exit_code, _, error = run_main(["train", "--resume", str(run_dir)], capsys)
+
+    assert exit_code == 2
+    assert "config.yaml" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("options", [["--temperature", "nan"], ["--top-p", "2"], ["--max-new-tokens", "-1"]])
+def test_sample_rejects_bad_options_before_printing(trained_run, capsys, options):
+    exit_code, out, error = run_main(["sample", str(trained_run[0]), "--prompt", "The", *options], capsys)
+
+    assert exit_code == 2
+    assert out == ""
+    assert error.startswith("minformer: error: ")

@@ -318,3 +318,10 @@ def test_cached_and_uncached_sampling_agree_for_same_seed():
     )
 
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_non_finite_temperature_rejected(temperature):
+    model = GPT(GPTConfig(vocab_size=11, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=temperature)

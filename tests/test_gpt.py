@@ -245,3 +245,33 @@ def test_sliding_window_limits_what_a_token_sees():
     # With one layer, position 4 sees positions 2..4 and position 5 sees 3..5.
     assert difference[4] > 1e-6
     assert difference[5] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(dropout=float("nan")), "dropout=nan"),
+        (dict(norm_eps=float("inf")), "norm_eps=inf"),
+        (dict(init_std=float("nan")), "init_std=nan"),
+        (dict(bias=1), "bias=1"),
+        (dict(sliding_window=0), "sliding_window=0"),
+    ],
+)
+def test_nonsense_config_values_name_field(overrides, field):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    assert field in str(error.value)
+
+
+def test_from_preset_takes_only_preset_names(tmp_path):
+    config_file = tmp_path / "gpt-tiny.yaml"
+    config_file.write_text("model:\n  family: gpt\n", encoding="utf-8")
+
+    with pytest.raises(ValueError, match="Unknown preset"):
+        GPTConfig.from_preset(str(config_file))
+
+
+def test_float_token_ids_are_rejected():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(1, 4))

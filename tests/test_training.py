@@ -389,3 +389,20 @@ def test_evaluation_windows_cover_any_stream(n_tokens, context, start_id):
 def test_evaluation_windows_reject_empty_stream():
     with pytest.raises(ValueError, match="empty"):
         evaluation_windows(np.array([], dtype=np.int64), 8, [])
+
+
+def test_resume_without_checkpoint_starts_from_step_zero(tiny_env, tmp_path):
+    # A run killed before its first checkpoint holds config.yaml and tokenizer.json only.
+    reference = Trainer(load_run_config("gpt-tiny", overrides_dict(TINY_OVERRIDES)), tmp_path / "reference")
+    reference.run()
+    killed = Trainer(load_run_config("gpt-tiny", overrides_dict(TINY_OVERRIDES)), tmp_path / "killed")
+    assert not (tmp_path / "killed" / "checkpoints").exists()
+
+    resumed = Trainer({}, tmp_path / "killed", resume=True)
+    resumed.run()
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    assert killed.step == 0
+    assert losses(tmp_path / "killed") == losses(tmp_path / "reference")

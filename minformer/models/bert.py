@@ -23,7 +23,7 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
-from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_config_file
+from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_preset
 from minformer.feedforward import activation_fn
 from minformer.norms import NORMS, build_norm
 from minformer.positions import LearnedPositions
@@ -115,7 +115,7 @@ class BERTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "BERTConfig":
         """Return the ``model`` section of preset ``name``, with field overrides applied."""
-        model_section = dict(load_config_file(name).get("model") or {})
+        model_section = dict(load_preset(name).get("model") or {})
         model_section.update(overrides)
         if model_section.get("vocab_size") is None:
             raise ValueError(

@@ -18,7 +18,7 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
-from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_config_file
+from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_preset
 from minformer.feedforward import ACTIVATIONS, FeedForward
 from minformer.moe import MoEFeedForward, MoEStats
 from minformer.norms import NORMS, build_norm
@@ -239,7 +239,7 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         """Return the ``model`` section of preset ``name``, with field overrides applied."""
-        model_section = dict(load_config_file(name).get("model") or {})
+        model_section = dict(load_preset(name).get("model") or {})
         model_section.update(overrides)
         if model_section.get("vocab_size") is None:
             raise ValueError(
@@ -355,6 +355,8 @@ class GPT(nn.Module):
         """Raise a ``ValueError`` for token ids, lengths, masks or caches the model cannot take."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
         past_len = kv_cache.length if kv_cache is not None else 0
         if past_len + input_ids.size(1) > self.config.max_seq_len:
             cached = f" after {past_len} cached positions" if past_len else ""

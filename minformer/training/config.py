@@ -179,6 +179,30 @@ def known_fields(model_section: dict) -> dict[str, list[str]]:
     return fields
 
 
+# Which objectives each family can train with: a bidirectional encoder would see the very token a
+# causal-LM target asks for, and a decoder-only model has no masked-LM head.
+OBJECTIVES_BY_FAMILY = {"gpt": ("causal_lm",), "bert": ("masked_lm",)}
+
+
+def check_objective_fits_family(config: "RunConfig") -> None:
+    """Raise a ``ValueError`` when ``objective.kind`` cannot train ``model.family``."""
+    allowed = OBJECTIVES_BY_FAMILY.get(config.model.family)
+    if allowed is not None and config.objective.kind not in allowed:
+        raise ValueError(
+            f"objective.kind={config.objective.kind!r} cannot train model.family={config.model.family!r}; "
+            f"allowed objectives for {config.model.family}: {', '.join(allowed)}."
+        )
+
+
+def model_section_with_family(model_section, overrides: dict | None) -> dict:
+    """The model section with an overridden ``family`` applied, so that other overrides are checked against it."""
+    if not isinstance(model_section, dict):
+        raise ValueError(f"The model section must be a mapping of field: value, found {type(model_section).__name__}.")
+    if overrides and "model.family" in overrides:
+        return {**model_section, "family": overrides["model.family"]}
+    return model_section
+
+
 def resolve_run_config(raw: dict, overrides: dict | None = None, vocab_size: int | None = None) -> RunConfig:
     """Validate a raw config dict (with overrides) into a ``RunConfig``.
 
@@ -188,7 +212,7 @@ def resolve_run_config(raw: dict, overrides: dict | None = None, vocab_size: int
     raw = {key: value for key, value in raw.items() if key != "format_version"}
     if "model" not in raw or not raw["model"]:
         raise ValueError("The config has no 'model' section; it must name at least model.family.")
-    merged = apply_overrides(raw, overrides or {}, known_fields(raw["model"]))
+    merged = apply_overrides(raw, overrides or {}, known_fields(model_section_with_family(raw["model"], overrides)))
     model_section = dict(merged["model"])
     if model_section.get("vocab_size") is None:
         if vocab_size is None:
@@ -197,7 +221,9 @@ def resolve_run_config(raw: dict, overrides: dict | None = None, vocab_size: int
     sections = {
         name: dataclass_from_dict(cls, merged.get(name) or {}, name) for name, cls in SECTION_CLASSES.items()
     }
-    return RunConfig(model=config_from_dict(model_section), **sections)
+    config = RunConfig(model=config_from_dict(model_section), **sections)
+    check_objective_fits_family(config)
+    return config
 
 
 def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
@@ -205,5 +231,5 @@ def load_run_config(name_or_path: str, overrides: dict | None = None) -> dict:
     raw = load_config_file(name_or_path)
     if "model" not in raw:
         raise ValueError(f"{name_or_path} has no 'model' section.")
-    merged = apply_overrides(raw, overrides or {}, known_fields(raw["model"]))
+    merged = apply_overrides(raw, overrides or {}, known_fields(model_section_with_family(raw["model"], overrides)))
     return {section: merged[section] for section in SECTIONS}

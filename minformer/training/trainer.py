@@ -153,6 +153,8 @@ class Trainer:
         if checkpoint_dir is not None:
             self.restore(checkpoint_dir)
         else:
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise ValueError(f"--out {self.run_dir} is a file, not a folder; give a folder for the run.")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / "config.yaml")
             self.tokenizer.save(self.run_dir / "tokenizer.json")
@@ -165,16 +167,18 @@ class Trainer:
             raise ValueError(f"Cannot resume: {self.run_dir} has no config.yaml, so it is not a run directory.")
         checkpoint_dir = latest_checkpoint(self.run_dir)
         if checkpoint_dir is None:
-            raise ValueError(f"Cannot resume: {self.run_dir} has no complete checkpoint yet; start it again without --resume.")
+            # Killed before its first checkpoint: the run starts again from step 0, which gives the
+            # same steps as the first attempt because every random draw comes from the config's seed.
+            logger.warning("%s has no checkpoint yet; starting it from step 0", self.run_dir)
         return checkpoint_dir
 
     def read_run_config(self) -> dict:
-        import yaml
+        from minformer.runs import read_config_yaml
 
-        return yaml.safe_load((self.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return read_config_yaml(self.run_dir / "config.yaml")
 
     def make_tokenizer(self, provisional: RunConfig, resume: bool, init_from: Path | None) -> Tokenizer:
-        if resume:
+        if resume and (self.run_dir / "tokenizer.json").is_file():
             return load_tokenizer(self.run_dir / "tokenizer.json")
         if init_from is not None:
             return load_tokenizer(Path(init_from))

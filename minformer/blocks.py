@@ -38,6 +38,8 @@ class BlockConfig:
     causal: bool
     cross_attention: bool = False
     sliding_window: int | None = None
+    attention_scale: float | None = None
+    """Factor on q.k in self- and cross-attention; None for 1/sqrt(d_head). T5 uses 1.0."""
     moe: bool = False
     """Whether the feed-forward is a mixture of experts (the moe_* fields below) instead of one network."""
     moe_n_experts: int = 8
@@ -63,6 +65,7 @@ class TransformerBlock(nn.Module):
             dropout=config.dropout,
             backend=config.attention_backend,
             causal=config.causal,
+            scale=config.attention_scale,
             window=config.sliding_window,
         )
         if config.cross_attention:
@@ -75,6 +78,7 @@ class TransformerBlock(nn.Module):
                 bias=config.bias,
                 dropout=config.dropout,
                 backend=config.attention_backend,
+                scale=config.attention_scale,
             )
         else:
             self.cross_norm = None
@@ -113,11 +117,14 @@ class TransformerBlock(nn.Module):
         rotation: Rotation | None = None,
         kv_cache: LayerKVCache | None = None,
         moe_stats: list | None = None,
+        memory_kv_cache: LayerKVCache | None = None,
     ):
         """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``.
 
         ``bias``, ``rotation`` and ``kv_cache`` reach the self-attention only. A mixture-of-experts
         block appends its ``MoEStats`` to ``moe_stats`` when that list is given.
+        ``memory_kv_cache`` reaches the cross-attention: it stores the keys and values of ``memory``,
+        so a later call may pass an empty (batch, 0, d_model) ``memory`` and reuse them.
         """
         weights = []
 
@@ -131,7 +138,7 @@ class TransformerBlock(nn.Module):
         hidden = self.residual(hidden, self.attn_norm, self_attention)
         if self.cross_attn is not None and memory is not None:
             hidden = self.residual(
-                hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask)[0]
+                hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask, kv_cache=memory_kv_cache)[0]
             )
         hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
         return hidden, weights[0]

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# `gelu` is the exact erf form (BERT, T5 v1.1); `gelu_tanh` is the tanh approximation GPT-2 uses.
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "geglu", "swiglu", "reglu")
-GATED_ACTIVATIONS = {"geglu": "gelu", "swiglu": "silu", "reglu": "relu"}
+# `gelu` is the exact erf form (BERT); `gelu_tanh` is the tanh approximation GPT-2 uses.
+# `geglu_tanh` gates with the tanh GELU, as T5 v1.1 does ("gated-gelu", i.e. gelu_new, in transformers).
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "geglu", "geglu_tanh", "swiglu", "reglu")
+GATED_ACTIVATIONS = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu", "reglu": "relu"}
 
 
 def activation_fn(name: str):

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from minformer.interop import bert, gpt2
+from minformer.interop import bert, gpt2, t5
 from minformer.interop.files import read_hf_config
 from minformer.interop.gpt2 import gpt2_config_from_hf
 from minformer.models.gpt import GPT
@@ -53,6 +53,14 @@ FAMILIES = {
         read_config=bert.bert_config_from_hf,
         load=bert.load_bert,
         save=bert.save_bert,
+    ),
+    t5.MODEL_TYPE: HFFamily(
+        model_type=t5.MODEL_TYPE,
+        architectures=t5.ARCHITECTURES,
+        model_class=t5.T5,
+        read_config=t5.t5_config_from_hf,
+        load=t5.load_t5,
+        save=t5.save_t5,
     ),
 }
 

@@ -2,10 +2,11 @@
 
 from minformer.models.bert import BERT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification
 from minformer.models.gpt import GPT, GPTConfig, ModelOutput
+from minformer.models.t5 import T5, T5Config
 
 # family name -> (config class, model class); a run's config.yaml names its family. A BERT run
 # pretrains with masked language modelling, so the family builds the masked-LM model.
-FAMILIES = {"gpt": (GPTConfig, GPT), "bert": (BERTConfig, BERTForMaskedLM)}
+FAMILIES = {"gpt": (GPTConfig, GPT), "bert": (BERTConfig, BERTForMaskedLM), "t5": (T5Config, T5)}
 
 
 def config_from_dict(model_section: dict):
@@ -30,6 +31,8 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "ModelOutput",
+    "T5",
+    "T5Config",
     "build_model",
     "config_from_dict",
 ]

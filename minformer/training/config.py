@@ -181,12 +181,17 @@ def known_fields(model_section: dict) -> dict[str, list[str]]:
 
 # Which objectives each family can train with: a bidirectional encoder would see the very token a
 # causal-LM target asks for, and a decoder-only model has no masked-LM head.
-OBJECTIVES_BY_FAMILY = {"gpt": ("causal_lm",), "bert": ("masked_lm",)}
+OBJECTIVES_BY_FAMILY = {"gpt": ("causal_lm",), "bert": ("masked_lm",), "t5": ()}
 
 
 def check_objective_fits_family(config: "RunConfig") -> None:
     """Raise a ``ValueError`` when ``objective.kind`` cannot train ``model.family``."""
     allowed = OBJECTIVES_BY_FAMILY.get(config.model.family)
+    if allowed == ():
+        raise ValueError(
+            f"minformer train has no objective for model.family={config.model.family!r} yet; "
+            "train it from Python with the model's forward (labels give the loss)."
+        )
     if allowed is not None and config.objective.kind not in allowed:
         raise ValueError(
             f"objective.kind={config.objective.kind!r} cannot train model.family={config.model.family!r}; "

@@ -39,3 +39,18 @@ def learning_rate(step: int, lr: float, min_lr: float, warmup_steps: int, max_st
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def inverse_sqrt_learning_rate(step: int, d_model: int, warmup_steps: int) -> float:
+    """Learning rate of the 2017 Transformer (Vaswani et al. 2017, sec. 5.3, eq. 3) at 1-based ``step``.
+
+    lrate = d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5): linear warm-up for
+    ``warmup_steps`` steps, then decay with the inverse square root of the step. Step 0 gives 0.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r} is invalid; expected a non-negative integer.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps!r} is invalid; expected an integer of at least 1.")
+    if step == 0:
+        return 0.0
+    return d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)

@@ -306,7 +306,13 @@ def command_experiment(args) -> int:
     if args.name == "extrapolation":
         from minformer.experiments.extrapolation import run_extrapolation
 
-        results = run_extrapolation(Path(args.out), corpus_name=args.corpus, quick=args.quick)
+        start = time.perf_counter()
+        results = run_extrapolation(
+            Path(args.out),
+            corpus_name=args.corpus,
+            quick=args.quick,
+            on_progress=lambda line: print(f"[{format_duration(time.perf_counter() - start)}] {line}", file=sys.stderr, flush=True),
+        )
         print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
         print(f"results, table and plot written to {args.out} ({len(results['rows'])} schemes)")
         return 0

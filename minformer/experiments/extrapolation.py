@@ -41,7 +41,7 @@ class ExtrapolationSettings:
     train_context: int = 128
     eval_contexts: tuple[int, ...] = (128, 256, 512, 1024)
     batch_size: int = 32
-    steps: int = 1200
+    steps: int = 600
     lr: float = 2e-3
     warmup_steps: int = 50
     seed: int = 1337
@@ -105,8 +105,13 @@ def exact_loss(model: GPT, tokens, context: int, first_ids: list[int], batch_siz
     return total_nats / total_targets
 
 
-def run_extrapolation(out_dir: Path, corpus_name: str = "shakespeare", quick: bool = False, schemes=SCHEMES) -> dict:
-    """Train and evaluate every scheme; write results.json, table.md and extrapolation.png into ``out_dir``."""
+def run_extrapolation(
+    out_dir: Path, corpus_name: str = "shakespeare", quick: bool = False, schemes=SCHEMES, on_progress=None
+) -> dict:
+    """Train and evaluate every scheme; write results.json, table.md and extrapolation.png into ``out_dir``.
+
+    ``on_progress`` receives one line of text after each scheme is trained and evaluated.
+    """
     settings = QUICK if quick else FULL
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +131,10 @@ def run_extrapolation(out_dir: Path, corpus_name: str = "shakespeare", quick: bo
             else:
                 losses[context] = exact_loss(model, val_tokens, context, first_ids)
         rows.append({"scheme": scheme, "train_loss": train_loss, "train_seconds": seconds, "val_loss": losses})
-        logger.info("%s: %s", scheme, losses)
+        summary = ", ".join(f"{context}: {'n/a' if value is None else f'{value:.4f}'}" for context, value in losses.items())
+        logger.info("%s: %s", scheme, summary)
+        if on_progress is not None:
+            on_progress(f"{scheme}: trained in {seconds:.0f} s; validation loss by context {summary}")
 
     results = {"settings": asdict(settings), "corpus": corpus_name, "val_tokens": len(val_tokens), "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")

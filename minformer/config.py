@@ -81,6 +81,40 @@ def load_preset(name: str) -> dict:
     return load_config_file(name)
 
 
+class FamilyConfig:
+    """Mixin of every family's config dataclass: reading a ``model`` section or a preset, and writing one.
+
+    The subclass sets ``family`` (a class attribute, not a field) and is a frozen dataclass.
+    """
+
+    family: str = ""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build from a ``model`` section; its ``family`` key, if present, must be this class's family."""
+        values = dict(values)
+        family = values.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"model.family={family!r} does not match {cls.__name__} (family {cls.family!r}).")
+        return dataclass_from_dict(cls, values, "model")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """Return the ``model`` section of preset ``name``, with field overrides applied."""
+        model_section = dict(load_preset(name).get("model") or {})
+        model_section.update(overrides)
+        if model_section.get("vocab_size") is None:
+            raise ValueError(
+                f"Preset {name!r} takes vocab_size from its tokenizer; pass it, "
+                f"e.g. {cls.__name__}.from_preset({name!r}, vocab_size=tokenizer.vocab_size)."
+            )
+        return cls.from_dict(model_section)
+
+    def to_dict(self) -> dict:
+        """Return the config as a ``model`` section, with its family."""
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+
 def preset_names() -> list[str]:
     """List the names of every preset shipped in ``minformer/configs``."""
     folder = resources.files("minformer") / "configs"

@@ -14,7 +14,6 @@ padding token.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
-from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_preset
+from minformer.config import FamilyConfig, check_choice, check_int, check_positive
 from minformer.feedforward import activation_fn
 from minformer.norms import NORMS, build_norm
 from minformer.positions import LearnedPositions
@@ -33,7 +32,7 @@ BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
 @dataclass(frozen=True)
-class BERTConfig:
+class BERTConfig(FamilyConfig):
     """Hyperparameters of a BERT encoder, in the vocabulary every minformer family shares."""
 
     vocab_size: int = 30522
@@ -103,30 +102,6 @@ class BERTConfig:
             raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
         check_positive("init_std", self.init_std)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "BERTConfig":
-        """Build from a ``model`` section; its ``family`` key, if present, must be ``bert``."""
-        values = dict(values)
-        family = values.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"model.family={family!r} does not match BERTConfig (family 'bert').")
-        return dataclass_from_dict(cls, values, "model")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "BERTConfig":
-        """Return the ``model`` section of preset ``name``, with field overrides applied."""
-        model_section = dict(load_preset(name).get("model") or {})
-        model_section.update(overrides)
-        if model_section.get("vocab_size") is None:
-            raise ValueError(
-                f"Preset {name!r} takes vocab_size from its tokenizer; pass it, "
-                f"e.g. BERTConfig.from_preset({name!r}, vocab_size=tokenizer.vocab_size)."
-            )
-        return cls.from_dict(model_section)
-
-    def to_dict(self) -> dict:
-        """Return the config as a ``model`` section, with its family."""
-        return {"family": self.family, **dataclasses.asdict(self)}
 
     def block_config(self) -> BlockConfig:
         """Return the per-block fields: bidirectional post-LN self-attention with biases."""

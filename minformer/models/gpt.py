@@ -8,7 +8,6 @@ weights ~ N(0, 0.02), and the projections that write into the residual stream sc
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
-from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_preset
+from minformer.config import FamilyConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS, FeedForward
 from minformer.moe import MoEFeedForward, MoEStats
 from minformer.norms import NORMS, build_norm
@@ -33,7 +32,7 @@ from minformer.positions import (
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(FamilyConfig):
     """Hyperparameters of a GPT, in the vocabulary every minformer family shares."""
 
     vocab_size: int = 50257
@@ -227,30 +226,6 @@ class GPTConfig:
                 f"{self.t5_num_buckets // 2}, the number of distances bucketed exactly."
             )
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "GPTConfig":
-        """Build from a ``model`` section; its ``family`` key, if present, must be ``gpt``."""
-        values = dict(values)
-        family = values.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"model.family={family!r} does not match GPTConfig (family 'gpt').")
-        return dataclass_from_dict(cls, values, "model")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        """Return the ``model`` section of preset ``name``, with field overrides applied."""
-        model_section = dict(load_preset(name).get("model") or {})
-        model_section.update(overrides)
-        if model_section.get("vocab_size") is None:
-            raise ValueError(
-                f"Preset {name!r} takes vocab_size from its tokenizer; pass it, "
-                f"e.g. GPTConfig.from_preset({name!r}, vocab_size=tokenizer.vocab_size)."
-            )
-        return cls.from_dict(model_section)
-
-    def to_dict(self) -> dict:
-        """Return the config as a ``model`` section, with its family."""
-        return {"family": self.family, **dataclasses.asdict(self)}
 
     def block_config(self, layer_index: int | None = None) -> BlockConfig:
         """The fields of block ``layer_index``: causal self-attention, no cross-attention; dense when the index is None."""

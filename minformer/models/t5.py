@@ -15,7 +15,6 @@ untied head, no rescaling and a gated tanh-GELU feed-forward.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +24,14 @@ from torch import nn
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.cache import KVCache, LayerKVCache
-from minformer.config import check_choice, check_int, check_positive, dataclass_from_dict, load_preset
+from minformer.config import FamilyConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
 from minformer.norms import NORMS, build_norm
 from minformer.positions import T5RelativeBias
 
 
 @dataclass(frozen=True)
-class T5Config:
+class T5Config(FamilyConfig):
     """Hyperparameters of a T5 encoder-decoder, in the vocabulary every minformer family shares."""
 
     vocab_size: int = 32128
@@ -121,30 +120,6 @@ class T5Config:
                 raise ValueError(f"{field}={getattr(self, field)} is outside the vocabulary of vocab_size={self.vocab_size}.")
         check_positive("init_factor", self.init_factor)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "T5Config":
-        """Build from a ``model`` section; its ``family`` key, if present, must be ``t5``."""
-        values = dict(values)
-        family = values.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"model.family={family!r} does not match T5Config (family 't5').")
-        return dataclass_from_dict(cls, values, "model")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "T5Config":
-        """Return the ``model`` section of preset ``name``, with field overrides applied."""
-        model_section = dict(load_preset(name).get("model") or {})
-        model_section.update(overrides)
-        if model_section.get("vocab_size") is None:
-            raise ValueError(
-                f"Preset {name!r} takes vocab_size from its tokenizer; pass it, "
-                f"e.g. T5Config.from_preset({name!r}, vocab_size=tokenizer.vocab_size)."
-            )
-        return cls.from_dict(model_section)
-
-    def to_dict(self) -> dict:
-        """Return the config as a ``model`` section, with its family."""
-        return {"family": self.family, **dataclasses.asdict(self)}
 
     def block_config(self, decoder: bool) -> BlockConfig:
         """Return the per-block fields: no biases, unscaled scores; causal with cross-attention in the decoder."""

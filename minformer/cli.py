@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="run a documented experiment",
         description="extrapolation: train one small GPT per position scheme (learned, sinusoidal, rope, alibi, "
-        "t5, none) at context 128 and evaluate at 128, 256, 512 and 1024. Time budget on 2 CPU cores: about "
-        "25 minutes for the full run, under 1 minute with --quick. bert-genre: pretrain a 4-layer BERT with "
+        "t5, none) at context 128 and evaluate at 128, 256, 512 and 1024. Time budget on 2 CPU cores: 11 "
+        "minutes measured for the full run (at most 30), under 1 minute with --quick. bert-genre: pretrain a 4-layer BERT with "
         "masked LM on the training plays, fine-tune it to classify passages as comedy, history or tragedy, and "
         "compare held-out accuracy with the majority genre and with no pretraining (about 10 s with --quick; "
         "the full run is an estimated hour or more on 2 CPU cores, and was not timed). moe: train a dense GPT and "

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RUN_DIR ?= runs/demo
 
-.PHONY: install install-dev demo test bench-attention bench-generation clean
+.PHONY: install install-dev demo test bench bench-moe bench-attention bench-generation clean
 
 # torch is pinned here (and only here) because `pip install torch==2.13.0` takes the
 # CPU build from local disk, while an unpinned torch pulls a multi-GB CUDA build.
@@ -41,6 +41,13 @@ test: install-dev
 	$(PY) -m pytest -q
 
 # Benchmarks are not tests: they print tables (and write them under docs/benchmarks/).
+# `make bench` runs the side-by-side comparisons; attention and generation have their own targets.
+bench: bench-moe
+
+bench-moe: install-dev
+	mkdir -p docs/benchmarks
+	$(PY) benchmarks/moe.py > docs/benchmarks/moe.md && cat docs/benchmarks/moe.md
+
 bench-attention: install-dev
 	mkdir -p docs/benchmarks
 	$(PY) benchmarks/attention.py --out docs/benchmarks/attention.md

@@ -55,7 +55,7 @@ QUICK = ExtrapolationSettings(
 
 
 def model_config(scheme: str, vocab_size: int, settings: ExtrapolationSettings) -> GPTConfig:
-    """The shared model shape with ``scheme``; learned positions get a table of the training context only."""
+    """Return the shared model shape with ``scheme``; learned positions get a table of the training context only."""
     table = settings.train_context if scheme == "learned" else max(settings.eval_contexts)
     return GPTConfig(
         vocab_size=vocab_size,

@@ -255,7 +255,7 @@ class GPTConfig(FamilyConfig):
 
 @dataclass
 class ModelOutput:
-    """What a forward pass returns: logits (batch, seq, vocab), the mean loss when targets are
+    """Output of a forward pass: logits (batch, seq, vocab), the mean loss when targets are
     given, and the attention weights per layer when requested (naive backend only)."""
 
     logits: torch.Tensor

@@ -26,7 +26,7 @@ from minformer.models import FAMILIES, config_from_dict
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which prepared corpus to train and evaluate on."""
+    """The prepared corpus a run trains and evaluates on."""
 
     corpus: str = "shakespeare"
     """Name of a corpus made by `minformer prepare` (shakespeare, shakespeare-folio, or your own)."""
@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """How text becomes token ids."""
+    """The tokenizer that turns text into token ids."""
 
     kind: str = "char"
     """char (one id per character of the corpus), bpe (byte-level BPE) or wordpiece (BERT's), both trained on the corpus."""
@@ -155,7 +155,7 @@ class RunConfig:
     train: TrainConfig
 
     def to_dict(self) -> dict:
-        """The resolved config as written to a run's config.yaml."""
+        """Return the resolved config as written to a run's config.yaml."""
         return {
             "format_version": CONFIG_FORMAT_VERSION,
             "model": self.model.to_dict(),
@@ -179,8 +179,8 @@ def known_fields(model_section: dict) -> dict[str, list[str]]:
     return fields
 
 
-# Which objectives each family can train with: a bidirectional encoder would see the very token a
-# causal-LM target asks for, and a decoder-only model has no masked-LM head.
+# The objectives each family can train with: a bidirectional encoder would see the very token a
+# causal-LM target is scored on, and a decoder-only model has no masked-LM head.
 OBJECTIVES_BY_FAMILY = {"gpt": ("causal_lm",), "bert": ("masked_lm",), "t5": ()}
 
 
@@ -200,7 +200,7 @@ def check_objective_fits_family(config: "RunConfig") -> None:
 
 
 def model_section_with_family(model_section, overrides: dict | None) -> dict:
-    """The model section with an overridden ``family`` applied, so that other overrides are checked against it."""
+    """Return the model section with an overridden ``family`` applied, so that other overrides are checked against it."""
     if not isinstance(model_section, dict):
         raise ValueError(f"The model section must be a mapping of field: value, found {type(model_section).__name__}.")
     if overrides and "model.family" in overrides:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from minformer.data.corpus import load_corpus
-from minformer.data.datasets import RandomWindows, evaluation_windows
+from minformer.data.datasets import evaluation_windows
 from minformer.data.tokenizers import CharTokenizer
 from minformer.models.gpt import GPT, GPTConfig
 from minformer.training.objectives import start_ids
-from minformer.training.optim import build_optimizer, learning_rate
+from minformer.experiments.common import train_gpt
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +70,11 @@ def train_scheme(scheme: str, tokenizer, train_tokens, settings: ExtrapolationSe
     """Train one model; returns (model, final training loss, seconds)."""
     torch.manual_seed(settings.seed)
     model = GPT(model_config(scheme, tokenizer.vocab_size, settings))
-    optimizer = build_optimizer(model, settings.lr, 0.1, (0.9, 0.99))
-    windows = RandomWindows(train_tokens, settings.train_context, settings.batch_size, settings.seed)
-    autocast = settings.dtype == "bfloat16"
-    start = time.perf_counter()
-    loss_value = float("nan")
-    model.train()
-    for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings.lr, settings.lr / 10, settings.warmup_steps, settings.steps)
-        inputs, targets = windows.next_batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-    return model.eval(), loss_value, time.perf_counter() - start
+    loss_value, seconds, _ = train_gpt(
+        model, train_tokens, settings.train_context, settings.batch_size, settings.steps, settings.lr,
+        settings.warmup_steps, settings.seed, settings.dtype,
+    )
+    return model, loss_value, seconds
 
 
 @torch.no_grad()

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minformer.data.corpus import load_corpus
-from minformer.data.datasets import RandomWindows
 from minformer.data.tokenizers import CharTokenizer
+from minformer.experiments.common import train_gpt
 from minformer.experiments.extrapolation import exact_loss
 from minformer.models.gpt import GPT, GPTConfig
 from minformer.training.objectives import start_ids
-from minformer.training.optim import build_optimizer, learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -85,31 +82,14 @@ def train_model(config: GPTConfig, train_tokens, settings: MoESettings) -> dict:
     """Train one model; returns the model, its last training loss, seconds and last batch's expert shares."""
     torch.manual_seed(settings.seed)
     model = GPT(config)
-    optimizer = build_optimizer(model, settings.lr, 0.1, (0.9, 0.99))
-    windows = RandomWindows(train_tokens, settings.context, settings.batch_size, settings.seed)
-    autocast = settings.dtype == "bfloat16"
-    model.train()
-    start = time.perf_counter()
-    loss_value, expert_shares = float("nan"), None
-
-    for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings.lr, settings.lr / 10, settings.warmup_steps, settings.steps)
-        inputs, targets = windows.next_batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            output = model(inputs)
-        loss = F.cross_entropy(output.logits.float().reshape(-1, output.logits.size(-1)), targets.reshape(-1))
-        total_loss = loss if output.aux_loss is None else loss + output.aux_loss
-        total_loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        if output.moe_stats:
-            expert_shares = {layer: stats.expert_share.tolist() for layer, stats in output.moe_stats.items()}
-
-    seconds = time.perf_counter() - start
-    return {"model": model.eval(), "train_loss": loss_value, "train_seconds": seconds, "expert_shares": expert_shares}
+    loss_value, seconds, output = train_gpt(
+        model, train_tokens, settings.context, settings.batch_size, settings.steps, settings.lr,
+        settings.warmup_steps, settings.seed, settings.dtype,
+    )
+    expert_shares = None
+    if output is not None and output.moe_stats:
+        expert_shares = {layer: stats.expert_share.tolist() for layer, stats in output.moe_stats.items()}
+    return {"model": model, "train_loss": loss_value, "train_seconds": seconds, "expert_shares": expert_shares}
 
 
 def max_load(expert_shares: dict | None) -> float | None:

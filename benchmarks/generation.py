@@ -23,7 +23,7 @@ from minformer.models.gpt import GPT, GPTConfig
 
 
 def build_model(quick: bool) -> GPT:
-    """The gpt2 preset's shape with random weights, or a tiny model with ``quick``."""
+    """Build the gpt2 preset's shape with random weights, or a tiny model with ``quick``."""
     torch.manual_seed(0)
     if quick:
         config = GPTConfig(vocab_size=101, max_seq_len=64, d_model=32, n_layers=2, n_heads=4)

@@ -205,7 +205,7 @@ def command_sample(args) -> int:
     model, tokenizer = load(args.run_dir)
     if model.config.family != "gpt":
         raise ValueError(
-            f"{args.run_dir} holds a {model.config.family} model, which does not generate text left to right; "
+            f"{args.run_dir} contains a {model.config.family} model, which does not generate text left to right; "
             "`minformer sample` needs a gpt run."
         )
     try:

@@ -38,7 +38,7 @@ class BERTConfig(FamilyConfig):
     vocab_size: int = 30522
     """Number of token ids."""
     max_seq_len: int = 512
-    """Longest sequence the model accepts (size of the learned position table)."""
+    """Maximum sequence length the model accepts (size of the learned position table)."""
     d_model: int = 768
     """Width of the residual stream."""
     n_layers: int = 12
@@ -124,7 +124,7 @@ class BERTConfig(FamilyConfig):
 
 @dataclass
 class BERTOutput:
-    """What a BERT forward pass returns.
+    """Output of a BERT forward pass.
 
     ``hidden_states`` (batch, seq, d_model) is the output of the last encoder layer, and
     ``pooled_output`` (batch, d_model) is None without a pooler. ``logits`` is (batch, seq, vocab)

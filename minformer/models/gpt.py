@@ -38,7 +38,7 @@ class GPTConfig(FamilyConfig):
     vocab_size: int = 50257
     """Number of token ids."""
     max_seq_len: int = 1024
-    """Longest sequence the model accepts (size of the learned position table)."""
+    """Maximum sequence length the model accepts (size of the learned position table)."""
     d_model: int = 768
     """Width of the residual stream."""
     n_layers: int = 12
@@ -112,6 +112,7 @@ class GPTConfig(FamilyConfig):
         check_int("d_model", self.d_model)
         check_int("n_layers", self.n_layers)
         check_int("n_heads", self.n_heads)
+
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         check_int("n_kv_heads", self.n_kv_heads)
@@ -128,15 +129,18 @@ class GPTConfig(FamilyConfig):
                 )
             object.__setattr__(self, "d_head", self.d_model // self.n_heads)
         check_int("d_head", self.d_head)
+
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         check_int("d_ff", self.d_ff)
+
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
         check_positive("norm_eps", self.norm_eps)
         check_choice("norm_position", self.norm_position, ("pre", "post"))
         check_choice("position", self.position, POSITIONS)
         self.check_position_options()
+
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         if self.sliding_window is not None:
             check_int("sliding_window", self.sliding_window)
@@ -148,6 +152,7 @@ class GPTConfig(FamilyConfig):
                 f"attention_backend='flash' has no attention dropout, but dropout={self.dropout}; "
                 "set dropout=0 or use attention_backend='sdpa'."
             )
+
         check_choice("bias", self.bias, (True, False))
         check_choice("tie_embeddings", self.tie_embeddings, (True, False))
         check_positive("init_std", self.init_std)
@@ -173,7 +178,7 @@ class GPTConfig(FamilyConfig):
         check_positive("moe_z_loss_coef", self.moe_z_loss_coef, allow_zero=True)
 
     def is_moe_layer(self, layer_index: int) -> bool:
-        """Whether block ``layer_index`` (from 0) has a mixture-of-experts feed-forward."""
+        """Return whether block ``layer_index`` (from 0) has a mixture-of-experts feed-forward."""
         return self.moe_every > 0 and (layer_index + 1) % self.moe_every == 0
 
     def check_position_options(self) -> None:
@@ -228,7 +233,7 @@ class GPTConfig(FamilyConfig):
 
 
     def block_config(self, layer_index: int | None = None) -> BlockConfig:
-        """The fields of block ``layer_index``: causal self-attention, no cross-attention; dense when the index is None."""
+        """Return the fields of block ``layer_index``: causal self-attention, no cross-attention; dense when the index is None."""
         return BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,

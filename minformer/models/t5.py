@@ -37,7 +37,7 @@ class T5Config(FamilyConfig):
     vocab_size: int = 32128
     """Number of token ids, shared by source and target."""
     max_seq_len: int = 512
-    """Longest target sequence a decoding cache is built for; relative positions set no hard limit."""
+    """Maximum target length a decoding cache is built for; relative positions set no hard limit."""
     d_model: int = 512
     """Width of the residual stream."""
     n_encoder_layers: int = 6

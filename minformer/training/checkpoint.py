@@ -33,7 +33,7 @@ class CheckpointError(RuntimeError):
 
 
 def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
+    """Return the process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -58,7 +58,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def model_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's persistent tensors by name, with tied weights stored once (under the first name)."""
+    """Return the model's persistent tensors by name, with tied weights stored once (under the first name)."""
     tensors, seen = {}, {}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
@@ -126,7 +126,7 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, ke
             with open(temp / name, "rb") as file:
                 os.fsync(file.fileno())
         if final.exists():
-            # The same step was saved before (Ctrl-C right after a checkpoint): that folder holds
+            # The same step was saved before (Ctrl-C right after a checkpoint): that folder contains
             # the same weights and data position, and deleting it first would open a window with
             # no checkpoint of this step.
             shutil.rmtree(temp)
@@ -174,7 +174,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` points at, else the newest complete one, else None."""
+    """Return the checkpoint ``latest`` points at, else the newest complete one, else None."""
     link = Path(run_dir) / "latest"
     if link.is_symlink() and link.resolve().is_dir():
         return link.resolve()

@@ -1,6 +1,6 @@
 """Training objectives: each draws batches, sums its loss over target tokens, and evaluates held-out data.
 
-The trainer only sees this interface, so a new objective (masked LM, span corruption,
+The trainer uses only this interface, so a new objective (masked LM, span corruption,
 sequence-to-sequence pairs) is a new class here plus an entry in ``OBJECTIVES``.
 """
 
@@ -19,7 +19,7 @@ from minformer.moe import moe_metrics
 
 @dataclass
 class LossParts:
-    """What one forward pass of an objective returns.
+    """Output of one forward pass of an objective.
 
     ``nats``: the summed cross-entropy over the batch's target tokens (a scalar tensor);
     ``aux_loss``: an auxiliary loss already weighted by its coefficient (mixture-of-experts
@@ -37,7 +37,7 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def start_ids(tokenizer) -> list[int]:
-    """The context placed before the first held-out token: end-of-text if the tokenizer has one, else a newline."""
+    """Return the context placed before the first held-out token: end-of-text if the tokenizer has one, else a newline."""
     if tokenizer.eos_id is not None:
         return [tokenizer.eos_id]
     return tokenizer.encode("\n")
@@ -68,7 +68,7 @@ class CausalLMObjective:
         return objective
 
     def describe(self) -> str:
-        """One line on the data, for the progress display."""
+        """Return one line on the data, for the progress display."""
         return f"{self.n_train_tokens:,} training tokens, {self.n_val_tokens:,} held out"
 
     def next_batch(self) -> dict[str, torch.Tensor]:

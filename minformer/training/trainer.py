@@ -1,6 +1,6 @@
 """The training loop: causal-LM steps with accumulation, schedule, evaluation, checkpoints, resume.
 
-The trainer knows the model only through its forward (``model(inputs).logits``); progress goes
+The trainer uses the model only through its forward (``model(inputs).logits``); progress goes
 to a callback, so the CLI draws the display and the library never prints.
 """
 
@@ -62,7 +62,7 @@ def model_section_from_checkpoint(raw_config: dict, directory: Path) -> dict:
     """Replace the model section by the shape of a Hugging Face checkpoint.
 
     Only ``attention_backend`` and ``dropout`` are kept from the run config, because they do not
-    change the weights; the tokenizer section is set to BPE, since the checkpoint's tokenizer
+    change the weights. The tokenizer section is set to BPE, because the checkpoint's tokenizer
     files are used.
     """
     from minformer.interop import config_from_hf
@@ -114,7 +114,7 @@ class Trainer:
             checkpoint_dir = self.prepare_resume()
             raw_config = self.read_run_config()
         elif (self.run_dir / "config.yaml").exists():
-            raise ValueError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or pick another --out.")
+            raise ValueError(f"{self.run_dir} already contains a run; continue it with --resume {self.run_dir} or pick another --out.")
         if init_from is not None and not resume:
             raw_config = model_section_from_checkpoint(raw_config, Path(init_from))
 
@@ -227,7 +227,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over the micro-batches; the loss is the mean over all their target tokens.
+        """Run one optimizer step over the micro-batches, with the loss averaged over all their target tokens.
 
         Returns the step's metrics: ``loss`` (nats per target token) and, when the model has
         one, ``aux_loss`` (the weighted auxiliary loss, averaged over micro-batches).

@@ -45,3 +45,16 @@ def test_quick_bert_genre_writes_results(tmp_path, monkeypatch, one_thread):
         assert 0.0 <= results["accuracy"][method] <= 1.0
     assert written["accuracy"] == results["accuracy"]
     assert "masked-LM pretraining" in (tmp_path / "out" / "table.md").read_text(encoding="utf-8")
+
+    # The pretraining is an ordinary bert-mini run: its held-out scores are those of `minformer eval`.
+    pretraining = results["pretraining"]
+    assert pretraining["steps"] == results["settings"]["pretrain_steps"]
+    assert 0.0 <= pretraining["masked_accuracy"] <= 1.0 and pretraining["masked_tokens"] > 0
+    assert (tmp_path / "out" / "pretrain" / "config.yaml").is_file()
+    assert (tmp_path / "out" / "pretrain" / "tokenizer.json").is_file()
+
+    # A second run reuses the finished pretraining instead of training again, and scores it the same.
+    again = run_bert_genre(tmp_path / "out", corpus_name="fake-plays", quick=True)
+    assert again["pretraining"]["masked_accuracy"] == pretraining["masked_accuracy"]
+    assert again["pretraining"]["val_loss"] == pretraining["val_loss"]
+    assert again["accuracy"] == results["accuracy"]

@@ -91,3 +91,56 @@ class KVCache:
         """Forget every cached position; the memory stays allocated and is overwritten by later appends."""
         for layer in self.layers:
             layer.length = 0
+
+
+class EncoderDecoderCache:
+    """Decoder state kept between decoding steps of an encoder-decoder model for one batch of sources.
+
+    ``self_attention`` stores the keys and values of the target positions decoded so far.
+    ``cross_attention`` stores, per decoder layer, the keys and values of the encoder output, which
+    the first decoding step computes and every later step reuses.
+    """
+
+    def __init__(self, self_attention: KVCache, cross_attention: list[LayerKVCache]):
+        self.self_attention = self_attention
+        self.cross_attention = cross_attention
+
+    @classmethod
+    def for_model(cls, model, batch: int, source_len: int, max_len: int | None = None) -> "EncoderDecoderCache":
+        """Build an empty cache for ``model`` (its config has ``n_decoder_layers``, ``n_heads``, ``d_head``).
+
+        ``max_len`` (target positions) defaults to the model's ``max_seq_len``. Keys and values take
+        the dtype and device of the model's parameters.
+        """
+        config = model.config
+        parameter = next(model.parameters())
+        n_kv_heads = getattr(config, "n_kv_heads", None) or config.n_heads
+        self_attention = KVCache(
+            config.n_decoder_layers, batch, n_kv_heads, max_len or config.max_seq_len, config.d_head,
+            dtype=parameter.dtype, device=parameter.device,
+        )
+        cross_attention = [
+            LayerKVCache(batch, n_kv_heads, source_len, config.d_head, dtype=parameter.dtype, device=parameter.device)
+            for _ in range(config.n_decoder_layers)
+        ]
+        return cls(self_attention, cross_attention)
+
+    @property
+    def length(self) -> int:
+        """Number of target positions cached."""
+        return self.self_attention.length
+
+    @property
+    def has_encoder_keys(self) -> bool:
+        """Whether the first step has already stored the encoder output's keys and values."""
+        return self.cross_attention[0].length > 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Make row i of every self-attention cache a copy of row ``rows[i]`` (beam search).
+
+        The cross-attention keys and values are not reordered, so ``rows`` may only map between
+        rows of the same source, as in a beam search over one source.
+        """
+        for layer in self.self_attention.layers:
+            layer.key_cache = layer.key_cache[rows]
+            layer.value_cache = layer.value_cache[rows]

@@ -1,8 +1,10 @@
-"""Tests of ``minformer.generation_seq2seq``: greedy decoding and beam search for T5.
+"""Tests of ``minformer.generation_seq2seq``: greedy decoding, sampling and beam search for T5 and the
+2017 Transformer.
 
 Beam search is checked against a brute-force enumeration of every target sequence on tiny
 vocabularies, scored by the same length-normalised formula, in settings where the beam keeps
-every live prefix, so that the search is exact.
+every live prefix, so that the search is exact. Cached decoding is checked against decoding that
+reruns the whole target at every step, in each decoding mode.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from minformer.generation_seq2seq import beam_search, generate_seq2seq
 from minformer.models.t5 import T5, T5Config
+from minformer.models.transformer import Transformer, TransformerConfig
 
 
 def small_model(seed: int = 0, **overrides) -> T5:
@@ -36,6 +39,23 @@ def small_model(seed: int = 0, **overrides) -> T5:
     return model.eval()
 
 
+def transformer_model(seed: int = 0, **overrides) -> Transformer:
+    """A small 2017 Transformer with every parameter redrawn the same way as ``small_model``'s."""
+    values = dict(
+        vocab_size=41, max_seq_len=64, d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=4, d_ff=48, dropout=0.0,
+    )
+    model = Transformer(TransformerConfig(**{**values, **overrides}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(1.0 + 0.1 * noise if "norm" in name else 0.3 * noise)
+    return model.eval()
+
+
+MODEL_BUILDERS = {"t5": small_model, "transformer": transformer_model}
+
+
 def source_batch(seed: int = 1, vocab_size: int = 41, batch: int = 2):
     """Sources (batch, 9); the second row has 5 real tokens."""
     generator = torch.Generator().manual_seed(seed)
@@ -46,10 +66,10 @@ def source_batch(seed: int = 1, vocab_size: int = 41, batch: int = 2):
     return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
 
 
-def with_eos(model: T5, eos_token_id: int) -> T5:
+def with_eos(model, eos_token_id: int):
     """The same weights with another end-of-sequence id."""
     config = dataclasses.replace(model.config, eos_token_id=eos_token_id)
-    copy = T5(config)
+    copy = type(model)(config)
     copy.load_state_dict(model.state_dict())
     return copy.eval()
 
@@ -57,8 +77,9 @@ def with_eos(model: T5, eos_token_id: int) -> T5:
 # ---- greedy -----------------------------------------------------------------------------------
 
 
-def test_greedy_with_cache_equals_without():
-    model = small_model()
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_greedy_with_cache_equals_without(family):
+    model = MODEL_BUILDERS[family]()
     input_ids, attention_mask = source_batch()
 
     cached = generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=24, stop_at_eos=False)
@@ -111,7 +132,7 @@ def test_empty_source_raises():
 # ---- beam search ------------------------------------------------------------------------------
 
 
-def brute_force_best(model: T5, input_ids, attention_mask, max_new_tokens: int, length_penalty: float):
+def brute_force_best(model, input_ids, attention_mask, max_new_tokens: int, length_penalty: float):
     """Score every target sequence of 1 .. max_new_tokens tokens and return the best with its score.
 
     A sequence ends at its first EOS or at the length limit. Its score is the sum of its
@@ -141,10 +162,11 @@ def brute_force_best(model: T5, input_ids, attention_mask, max_new_tokens: int, 
     [(5, 2, 0.0), (5, 2, 1.0), (5, 2, 3.0), (2, 3, 0.0), (2, 3, 1.0), (2, 3, 2.0)],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam_search_finds_brute_force_best(vocab_size, max_new_tokens, length_penalty, seed):
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_beam_search_finds_brute_force_best(vocab_size, max_new_tokens, length_penalty, seed, family):
     # num_beams = vocab_size keeps every live prefix here: with 5 tokens all 4 non-EOS tokens of
     # step 1, and with 2 tokens the single non-EOS prefix; the last step scores every extension.
-    model = small_model(seed=seed, vocab_size=vocab_size)
+    model = MODEL_BUILDERS[family](seed=seed, vocab_size=vocab_size)
     input_ids, attention_mask = source_batch(seed=seed, vocab_size=vocab_size, batch=1)
     expected_tokens, expected_score = brute_force_best(model, input_ids, attention_mask, max_new_tokens, length_penalty)
 
@@ -167,8 +189,9 @@ def test_length_penalty_changes_the_choice():
     assert any(chosen)
 
 
-def test_one_beam_equals_greedy():
-    model = small_model(seed=5)
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_one_beam_equals_greedy(family):
+    model = MODEL_BUILDERS[family](seed=5)
     input_ids, attention_mask = source_batch(seed=6)
 
     greedy = generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=12, stop_at_eos=False)
@@ -189,14 +212,127 @@ def test_one_beam_equals_greedy_with_eos():
     assert torch.equal(beams.sequences, greedy)
 
 
-def test_more_beams_than_vocabulary_raise():
-    model = small_model(vocab_size=5)
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_more_beams_than_vocabulary_raise(family):
+    model = MODEL_BUILDERS[family](vocab_size=5)
     input_ids, attention_mask = source_batch(vocab_size=5, batch=1)
     with pytest.raises(ValueError, match="num_beams=6"):
         beam_search(model, input_ids, attention_mask, num_beams=6, max_new_tokens=2)
 
 
-def test_beam_search_empty_source_raises():
-    model = small_model()
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_beam_search_with_cache_equals_without(family):
+    model = MODEL_BUILDERS[family](seed=7)
+    input_ids, attention_mask = source_batch(seed=8)
+
+    cached = beam_search(model, input_ids, attention_mask, num_beams=4, max_new_tokens=10, length_penalty=0.6)
+    uncached = beam_search(model, input_ids, attention_mask, num_beams=4, max_new_tokens=10, length_penalty=0.6, use_cache=False)
+
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.scores, uncached.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_beam_search_empty_source_raises(family):
+    model = MODEL_BUILDERS[family]()
     with pytest.raises(ValueError, match="empty"):
         beam_search(model, torch.zeros(1, 0, dtype=torch.long), num_beams=2, max_new_tokens=2)
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.8)])
+def test_sampling_with_cache_equals_without(family, top_k, top_p):
+    model = MODEL_BUILDERS[family](seed=3)
+    input_ids, attention_mask = source_batch(seed=4)
+    options = dict(max_new_tokens=16, temperature=1.3, top_k=top_k, top_p=top_p)
+
+    cached = generate_seq2seq(model, input_ids, attention_mask, generator=torch.Generator().manual_seed(9), **options)
+    uncached = generate_seq2seq(
+        model, input_ids, attention_mask, generator=torch.Generator().manual_seed(9), use_cache=False, **options
+    )
+
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_sampling_depends_on_the_seed(family):
+    """Negative twin of the cache test: the same weights give other tokens with another seed, so sampling samples."""
+    model = MODEL_BUILDERS[family](seed=3)
+    input_ids, attention_mask = source_batch(seed=4)
+    samples = [
+        generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=16, stop_at_eos=False, temperature=1.3,
+                         generator=torch.Generator().manual_seed(seed))
+        for seed in (9, 10)
+    ]
+    assert not torch.equal(samples[0], samples[1])
+
+
+@pytest.mark.parametrize("family", MODEL_BUILDERS)
+def test_top_k_of_one_equals_greedy(family):
+    model = MODEL_BUILDERS[family](seed=3)
+    input_ids, attention_mask = source_batch(seed=4)
+
+    greedy = generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=12, stop_at_eos=False)
+    sampled = generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=12, stop_at_eos=False, temperature=1.0,
+                               top_k=1, generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 1.5)])
+def test_invalid_sampling_options_raise(option, value):
+    model = transformer_model()
+    input_ids, attention_mask = source_batch()
+    with pytest.raises(ValueError, match=option):
+        generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=3, **{option: value})
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_transformer_empty_source_raises():
+    model = transformer_model()
+    with pytest.raises(ValueError, match="empty"):
+        generate_seq2seq(model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="empty"):
+        generate_seq2seq(model, torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), max_new_tokens=3)
+
+
+def test_transformer_source_longer_than_max_seq_len_raises():
+    model = transformer_model()
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        generate_seq2seq(model, torch.ones(1, 65, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        beam_search(model, torch.ones(1, 65, dtype=torch.long), num_beams=2, max_new_tokens=3)
+
+
+def test_t5_reads_sources_longer_than_max_seq_len():
+    """T5's relative positions have no table to overflow: max_seq_len bounds only the decoding cache."""
+    model = small_model()
+    tokens = generate_seq2seq(model, torch.ones(1, 80, dtype=torch.long), max_new_tokens=3, stop_at_eos=False)
+    assert tokens.shape == (1, 4)
+
+
+@pytest.mark.parametrize("decode", ["greedy", "beam"])
+def test_transformer_rejects_more_new_tokens_than_positions(decode):
+    model = transformer_model()
+    input_ids, attention_mask = source_batch()
+    with pytest.raises(ValueError, match="max_new_tokens=65"):
+        if decode == "greedy":
+            generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=65)
+        else:
+            beam_search(model, input_ids, attention_mask, num_beams=2, max_new_tokens=65)
+    assert generate_seq2seq(model, input_ids, attention_mask, max_new_tokens=64, stop_at_eos=False).shape == (2, 65)
+
+
+def test_decoder_only_model_raises():
+    from minformer.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=41, max_seq_len=16, d_model=16, n_layers=1, n_heads=2)).eval()
+    with pytest.raises(ValueError, match="gpt is not an encoder-decoder"):
+        generate_seq2seq(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="gpt is not an encoder-decoder"):
+        beam_search(model, torch.ones(1, 3, dtype=torch.long), num_beams=2, max_new_tokens=2)

@@ -189,6 +189,87 @@ class CharTokenizer(Tokenizer):
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+class Seq2SeqCharTokenizer(Tokenizer):
+    """Character-level tokenizer with the special tokens of encoder-decoder training placed before the characters.
+
+    Ids: ``<pad>`` = 0 (also T5's decoder start token), ``</s>`` = 1 (end of sequence), then the
+    span-corruption sentinels ``<extra_id_0>``, ``<extra_id_1>``, ... (T5's names), then the sorted
+    alphabet. Text is encoded character by character, and a special token is never read from text.
+    So a text that spells out ``</s>`` encodes to those four characters.
+    """
+
+    PAD_TOKEN = "<pad>"
+    EOS_TOKEN = "</s>"
+    DEFAULT_SENTINELS = 100  # as many as T5's released vocabulary has
+
+    def __init__(self, chars: Iterable[str], n_sentinels: int = DEFAULT_SENTINELS):
+        if isinstance(n_sentinels, bool) or not isinstance(n_sentinels, int) or n_sentinels < 0:
+            raise ValueError(f"n_sentinels={n_sentinels!r} is invalid; expected a non-negative integer.")
+        self.chars = CharTokenizer(chars)
+        self.special_tokens = [self.PAD_TOKEN, self.EOS_TOKEN] + [f"<extra_id_{index}>" for index in range(n_sentinels)]
+        self.n_special = len(self.special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_special + self.chars.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def eos_id(self) -> int:
+        return 1
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ..., in that order."""
+        return list(range(2, self.n_special))
+
+    @property
+    def special_ids(self) -> list[int]:
+        return list(range(self.n_special))
+
+    def encode(self, text: str) -> list[int]:
+        """Convert each character of ``text`` to its id, raising ``ValueError`` on a character outside the alphabet."""
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return self.chars.encode_array(text) + self.n_special
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Convert ids back to text; special tokens appear by name, or not at all with ``skip_special_tokens``."""
+        ids = ids_to_array(ids, self.vocab_size)
+        pieces = []
+        for id_ in ids.tolist():
+            if id_ >= self.n_special:
+                pieces.append(self.chars.vocab[id_ - self.n_special])
+            elif not skip_special_tokens:
+                pieces.append(self.special_tokens[id_])
+        return "".join(pieces)
+
+    def to_json(self) -> str:
+        payload = {
+            "type": "char_seq2seq",
+            "version": CHAR_FORMAT_VERSION,
+            "n_sentinels": self.n_special - 2,
+            "vocab": self.chars.vocab,
+        }
+        return json.dumps(payload, ensure_ascii=False, indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> Seq2SeqCharTokenizer:
+        """Rebuild a tokenizer from the parsed ``tokenizer.json`` written by ``save``."""
+        alphabet = CharTokenizer.from_dict({**payload, "type": "char"})
+        n_sentinels = payload.get("n_sentinels")
+        if isinstance(n_sentinels, bool) or not isinstance(n_sentinels, int) or n_sentinels < 0:
+            raise ValueError(f"Invalid char_seq2seq tokenizer: 'n_sentinels' must be a non-negative integer, got {n_sentinels!r}.")
+        return cls(alphabet.vocab, n_sentinels)
+
+    def __repr__(self) -> str:
+        return f"Seq2SeqCharTokenizer(vocab_size={self.vocab_size}, n_sentinels={self.n_special - 2})"
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE tokenizer wrapping a ``tokenizers.Tokenizer``.
 
@@ -451,6 +532,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     if payload.get("type") == "char":
         return CharTokenizer.from_dict(payload)
+    if payload.get("type") == "char_seq2seq":
+        return Seq2SeqCharTokenizer.from_dict(payload)
     model = payload.get("model")
     if isinstance(model, dict) and model.get("type") == "BPE":
         return BPETokenizer.from_json(text)

@@ -3,10 +3,16 @@
 from minformer.models.bert import BERT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification
 from minformer.models.gpt import GPT, GPTConfig, ModelOutput
 from minformer.models.t5 import T5, T5Config
+from minformer.models.transformer import Transformer, TransformerConfig
 
 # family name -> (config class, model class); a run's config.yaml names its family. A BERT run
 # pretrains with masked language modelling, so the family builds the masked-LM model.
-FAMILIES = {"gpt": (GPTConfig, GPT), "bert": (BERTConfig, BERTForMaskedLM), "t5": (T5Config, T5)}
+FAMILIES = {
+    "gpt": (GPTConfig, GPT),
+    "bert": (BERTConfig, BERTForMaskedLM),
+    "t5": (T5Config, T5),
+    "transformer": (TransformerConfig, Transformer),
+}
 
 
 def config_from_dict(model_section: dict):
@@ -33,6 +39,8 @@ __all__ = [
     "ModelOutput",
     "T5",
     "T5Config",
+    "Transformer",
+    "TransformerConfig",
     "build_model",
     "config_from_dict",
 ]

@@ -23,7 +23,7 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
-from minformer.cache import KVCache, LayerKVCache
+from minformer.cache import EncoderDecoderCache
 from minformer.config import FamilyConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
 from minformer.norms import NORMS, build_norm
@@ -156,37 +156,13 @@ class T5Output:
     loss: torch.Tensor | None = None
 
 
-@dataclass
-class T5DecoderCache:
-    """Decoder state kept between decoding steps for one batch of sources.
+class T5DecoderCache(EncoderDecoderCache):
+    """Decoder state kept between decoding steps for one batch of sources (see ``EncoderDecoderCache``).
 
     ``self_attention`` stores the keys and values of the target positions decoded so far.
     ``cross_attention`` stores, per decoder layer, the keys and values of the encoder output, which
     the first step computes and every later step reuses.
     """
-
-    self_attention: KVCache
-    cross_attention: list[LayerKVCache]
-
-    @classmethod
-    def for_model(cls, model: "T5", batch: int, source_len: int, max_len: int | None = None) -> "T5DecoderCache":
-        """Build an empty cache for ``model``; ``max_len`` (target positions) defaults to ``max_seq_len``."""
-        config = model.config
-        parameter = model.shared.weight
-        layers, heads, width = config.n_decoder_layers, config.n_heads, config.d_head
-        self_attention = KVCache(
-            layers, batch, heads, max_len or config.max_seq_len, width, dtype=parameter.dtype, device=parameter.device
-        )
-        cross_attention = [
-            LayerKVCache(batch, heads, source_len, width, dtype=parameter.dtype, device=parameter.device)
-            for _ in range(layers)
-        ]
-        return cls(self_attention, cross_attention)
-
-    @property
-    def length(self) -> int:
-        """Number of target positions cached."""
-        return self.self_attention.length
 
 
 class T5Stack(nn.Module):
@@ -218,7 +194,7 @@ class T5Stack(nn.Module):
         seq_len = embedded.size(1)
         score_bias = self.relative_bias(seq_len, past_len + seq_len, embedded.device)  # (1, heads, seq, k_len)
 
-        if cache is not None and cache.cross_attention[0].length > 0:
+        if cache is not None and cache.has_encoder_keys:
             memory = memory[:, :0]  # keys and values of the encoder output are already in the cache
 
         hidden = self.dropout(embedded)

@@ -51,15 +51,43 @@ class ObjectiveConfig:
     """The training objective."""
 
     kind: str = "causal_lm"
-    """causal_lm: predict each next token; masked_lm: predict randomly chosen tokens (BERT)."""
+    """causal_lm: predict each next token; masked_lm: predict randomly chosen tokens (BERT);
+    span_corruption: T5's denoising of dropped spans; seq2seq: source-to-target pairs with teacher forcing."""
     mask_probability: float = 0.15
     """masked_lm: probability that each non-special token is chosen as a target."""
+    noise_density: float = 0.15
+    """span_corruption: share of each window's tokens that are dropped into the target."""
+    mean_noise_span_length: float = 3.0
+    """span_corruption: mean length of a dropped span, in tokens."""
+    pairs: str = "folio"
+    """seq2seq: folio (the pairs of `minformer prepare folio`), or the synthetic copy or reverse
+    task on the lines of data.corpus."""
+    label_smoothing: float = 0.0
+    """span_corruption and seq2seq: epsilon of label smoothing in training (0.1 in Vaswani et al. 2017);
+    evaluation always reports the unsmoothed cross-entropy."""
 
     def __post_init__(self):
-        check_choice("objective.kind", self.kind, ("causal_lm", "masked_lm"))
+        check_choice("objective.kind", self.kind, ("causal_lm", "masked_lm", "span_corruption", "seq2seq"))
         check_positive("objective.mask_probability", self.mask_probability)
         if self.mask_probability >= 1.0:
             raise ValueError(f"objective.mask_probability={self.mask_probability} is invalid; it must be in (0, 1).")
+        check_positive("objective.noise_density", self.noise_density)
+        if self.noise_density >= 1.0:
+            raise ValueError(f"objective.noise_density={self.noise_density} is invalid; it must be in (0, 1).")
+        check_positive("objective.mean_noise_span_length", self.mean_noise_span_length)
+        if self.mean_noise_span_length < 1.0:
+            raise ValueError(
+                f"objective.mean_noise_span_length={self.mean_noise_span_length} is invalid; it must be at least 1 token."
+            )
+        check_choice("objective.pairs", self.pairs, ("folio", "copy", "reverse"))
+        check_positive("objective.label_smoothing", self.label_smoothing, allow_zero=True)
+        if self.label_smoothing >= 1.0:
+            raise ValueError(f"objective.label_smoothing={self.label_smoothing} is invalid; it must be in [0, 1).")
+        if self.label_smoothing > 0 and self.kind not in ("span_corruption", "seq2seq"):
+            raise ValueError(
+                f"objective.label_smoothing={self.label_smoothing} is not supported with objective.kind={self.kind!r}; "
+                "it applies to span_corruption and seq2seq only."
+            )
 
 
 @dataclass(frozen=True)
@@ -84,6 +112,9 @@ class TrainConfig:
     """Peak learning rate, reached at the end of warm-up."""
     min_lr: float = 1e-4
     """Learning rate at the end of the cosine decay."""
+    schedule: str = "cosine"
+    """cosine: warm-up, then cosine decay to min_lr; inverse_sqrt: warm-up, then lr * sqrt(warmup_steps / step)
+    (Vaswani et al. 2017, eq. 3, which is this with lr = (d_model * warmup_steps)^-0.5)."""
     warmup_steps: int = 100
     """Steps of linear warm-up from 0 to lr."""
     weight_decay: float = 0.1
@@ -119,6 +150,9 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} is larger than train.lr={self.lr}.")
         check_int("train.warmup_steps", self.warmup_steps, minimum=0)
+        check_choice("train.schedule", self.schedule, ("cosine", "inverse_sqrt"))
+        if self.schedule == "inverse_sqrt" and self.warmup_steps < 1:
+            raise ValueError("train.schedule='inverse_sqrt' needs train.warmup_steps of at least 1.")
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -181,7 +215,12 @@ def known_fields(model_section: dict) -> dict[str, list[str]]:
 
 # The objectives each family can train with: a bidirectional encoder would see the very token a
 # causal-LM target is scored on, and a decoder-only model has no masked-LM head.
-OBJECTIVES_BY_FAMILY = {"gpt": ("causal_lm",), "bert": ("masked_lm",), "t5": ()}
+OBJECTIVES_BY_FAMILY = {
+    "gpt": ("causal_lm",),
+    "bert": ("masked_lm",),
+    "t5": ("span_corruption", "seq2seq"),
+    "transformer": ("seq2seq",),
+}
 
 
 def check_objective_fits_family(config: "RunConfig") -> None:

@@ -1,11 +1,14 @@
 """Training objectives: each draws batches, sums its loss over target tokens, and evaluates held-out data.
 
 The trainer uses only this interface, so a new objective (masked LM, span corruption,
-sequence-to-sequence pairs) is a new class here plus an entry in ``OBJECTIVES``.
+sequence-to-sequence pairs) is a new class here plus an entry in ``OBJECTIVES``. An objective
+that needs special tokens also has a ``build_tokenizer(config, corpus)`` class method, which the
+trainer calls in place of its own choice of tokenizer.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,7 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from minformer.data.datasets import RandomWindows, evaluation_windows
+from minformer.data.pairs import encode_pairs, load_pair_split, pad_pair_batch
+from minformer.data.span_corruption import corrupt_spans, random_spans_noise_mask, raw_length_for_inputs
+from minformer.data.tokenizers import Seq2SeqCharTokenizer
 from minformer.moe import moe_metrics
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +42,21 @@ class LossParts:
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over targets, ignoring -100, computed in fp32."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def label_smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Cross-entropy against the smoothed labels (1 - epsilon) * one_hot + epsilon / vocab, summed over targets
+    other than -100, in fp32 (Szegedy et al. 2016, sec. 7).
+
+    Per target y this is (1 - epsilon) * (-log p_y) + epsilon * mean over the vocabulary of (-log p_k).
+    """
+    log_probs = torch.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1)  # (n, vocab)
+    targets = targets.reshape(-1)
+    scored = targets != -100
+    true_class_nll = -log_probs.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+    uniform_nll = -log_probs.mean(dim=-1)  # (n,)
+    per_target = (1.0 - epsilon) * true_class_nll + epsilon * uniform_nll
+    return per_target[scored].sum()
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -299,7 +322,226 @@ def held_out_masked_accuracy(model, objective: MaskedLMObjective, batch_size: in
     return correct / max(total, 1)
 
 
-OBJECTIVES = {"causal_lm": CausalLMObjective, "masked_lm": MaskedLMObjective}
+def check_seq2seq_tokenizer(config, tokenizer) -> None:
+    """Raise a ``ValueError`` unless ``tokenizer`` has the padding, EOS and sentinel ids that ``config.model`` uses."""
+    if not isinstance(tokenizer, Seq2SeqCharTokenizer):
+        raise ValueError(
+            f"objective.kind={config.objective.kind} needs a tokenizer with <pad>, </s> and sentinel tokens, "
+            f"got {type(tokenizer).__name__}; set tokenizer.kind=char."
+        )
+    for field, token_id in (("pad_token_id", tokenizer.pad_id), ("eos_token_id", tokenizer.eos_id)):
+        if getattr(config.model, field) != token_id:
+            raise ValueError(f"model.{field}={getattr(config.model, field)} does not match the tokenizer's id {token_id}.")
+
+
+def build_seq2seq_tokenizer(config, text: str) -> Seq2SeqCharTokenizer:
+    """Build the character tokenizer with special tokens that span corruption and seq2seq train with."""
+    if config.tokenizer.kind != "char":
+        raise ValueError(
+            f"objective.kind={config.objective.kind} supports tokenizer.kind=char only (a character tokenizer with "
+            f"<pad>, </s> and sentinel tokens), got tokenizer.kind={config.tokenizer.kind!r}."
+        )
+    return Seq2SeqCharTokenizer(text)
+
+
+class EncoderDecoderObjective:
+    """Teacher-forced training of an encoder-decoder on padded (source, target) rows; the subclass makes the rows.
+
+    Training applies label smoothing when ``label_smoothing`` > 0; evaluation (the model in eval
+    mode) always sums the plain cross-entropy, so the held-out loss is the negative log-likelihood.
+    """
+
+    def __init__(self, batch_size: int, seed: int, pad_id: int, decoder_start_id: int, label_smoothing: float):
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.decoder_start_id = decoder_start_id
+        self.label_smoothing = label_smoothing
+        self.generator = torch.Generator().manual_seed(seed)
+        self.val_rows: list[tuple[list[int], list[int]]] = []
+
+    def pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return pad_pair_batch(rows, self.pad_id, self.decoder_start_id)
+
+    @staticmethod
+    def n_targets(batch: dict) -> int:
+        return int((batch["targets"] != -100).sum())
+
+    @staticmethod
+    def n_tokens(batch: dict) -> int:
+        """Real source and target tokens the model reads in this batch, for throughput."""
+        return int(batch["attention_mask"].sum()) + int((batch["targets"] != -100).sum())
+
+    def loss(self, model, batch: dict) -> LossParts:
+        output = model(batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"])
+        if self.label_smoothing > 0 and model.training:
+            return LossParts(nats=label_smoothed_cross_entropy(output.logits, batch["targets"], self.label_smoothing))
+        return LossParts(nats=summed_cross_entropy(output.logits, batch["targets"]))
+
+    def eval_batches(self, batch_size: int, n_windows: int | None = None) -> Iterator[dict]:
+        """Held-out batches: every held-out row, or ``n_windows`` evenly spaced ones (the same every time)."""
+        total = len(self.val_rows)
+        if n_windows is None or n_windows >= total:
+            chosen = list(range(total))
+        else:
+            chosen = torch.linspace(0, total - 1, n_windows).round().long().unique().tolist()
+        for start in range(0, len(chosen), batch_size):
+            yield self.pad([self.val_rows[index] for index in chosen[start : start + batch_size]])
+
+
+class SpanCorruptionObjective(EncoderDecoderObjective):
+    """T5's span corruption (Raffel et al. 2020, sec. 3.1.4) on random windows of the training stream.
+
+    Each window has the raw length whose corrupted input, EOS included, is ``input_length``
+    tokens, so training rows need no padding. Noise masks are drawn afresh for every batch.
+    Held-out rows are consecutive windows of the held-out stream, corrupted once with a fixed
+    seed, so every held-out token is in exactly one row and the held-out loss is the same every time.
+    """
+
+    EVAL_NOISE_SEED = 20200728
+
+    def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, input_length: int, batch_size: int, seed: int,
+                 noise_density: float, mean_noise_span_length: float, sentinel_ids: list[int], eos_id: int,
+                 pad_id: int, decoder_start_id: int, label_smoothing: float = 0.0):
+        super().__init__(batch_size, seed, pad_id, decoder_start_id, label_smoothing)
+        self.noise = dict(noise_density=noise_density, mean_noise_span_length=mean_noise_span_length)
+        self.sentinel_ids, self.eos_id = list(sentinel_ids), eos_id
+        self.raw_length = raw_length_for_inputs(input_length, noise_density, mean_noise_span_length)
+        if len(train_tokens) < self.raw_length:
+            raise ValueError(
+                f"The training split has {len(train_tokens)} tokens, fewer than one window of {self.raw_length}; "
+                "use more text or a smaller model.max_seq_len."
+            )
+        if len(val_tokens) == 0:
+            raise ValueError("The validation split is empty; prepare a corpus with held-out text.")
+        self.train_tokens = torch.from_numpy(np.asarray(train_tokens, dtype=np.int64))
+        self.n_val_tokens = len(val_tokens)
+        self.noise_generator = torch.Generator().manual_seed(seed + 1)
+
+        val_stream = torch.from_numpy(np.asarray(val_tokens, dtype=np.int64))
+        eval_generator = torch.Generator().manual_seed(self.EVAL_NOISE_SEED)
+        self.val_rows = [
+            self.corrupt(val_stream[start : start + self.raw_length], eval_generator)
+            for start in range(0, len(val_stream), self.raw_length)
+        ]
+
+    @classmethod
+    def build_tokenizer(cls, config, corpus) -> Seq2SeqCharTokenizer:
+        """Build a character tokenizer over every character of the corpus, with <pad>, </s> and sentinels."""
+        return build_seq2seq_tokenizer(config, corpus.characters())
+
+    @classmethod
+    def from_run(cls, config, tokenizer, corpus) -> "SpanCorruptionObjective":
+        """Encode the corpus's splits and corrupt windows whose inputs are ``model.max_seq_len`` tokens."""
+        check_seq2seq_tokenizer(config, tokenizer)
+        return cls(
+            tokenizer.encode_array(corpus.text("train")), tokenizer.encode_array(corpus.text("val")),
+            config.model.max_seq_len, config.train.batch_size, config.train.seed,
+            config.objective.noise_density, config.objective.mean_noise_span_length, tokenizer.sentinel_ids,
+            tokenizer.eos_id, tokenizer.pad_id, config.model.decoder_start_token_id, config.objective.label_smoothing,
+        )
+
+    def corrupt(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[list[int], list[int]]:
+        """Draw a noise mask for the 1-D ``tokens`` and return its (inputs, targets) id lists."""
+        noise_mask = random_spans_noise_mask(len(tokens), generator=generator, **self.noise)
+        inputs, targets = corrupt_spans(tokens, noise_mask, self.sentinel_ids, self.eos_id)
+        return inputs.tolist(), targets.tolist()
+
+    def describe(self) -> str:
+        """Return one line on the data, for the progress display."""
+        return (f"{len(self.train_tokens):,} training tokens, {self.n_val_tokens:,} held out, windows of "
+                f"{self.raw_length} tokens with {self.noise['noise_density']:.0%} in spans of mean length "
+                f"{self.noise['mean_noise_span_length']:g}")
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        n_starts = len(self.train_tokens) - self.raw_length + 1
+        starts = torch.randint(0, n_starts, (self.batch_size,), generator=self.generator).tolist()
+        rows = [self.corrupt(self.train_tokens[start : start + self.raw_length], self.noise_generator) for start in starts]
+        return self.pad(rows)
+
+    def get_state(self) -> torch.Tensor:
+        """Return the window generator's state followed by the noise generator's state, as one byte tensor."""
+        return torch.cat([self.generator.get_state(), self.noise_generator.get_state()])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        split = len(self.generator.get_state())
+        self.generator.set_state(state[:split].clone())
+        self.noise_generator.set_state(state[split:].clone())
+
+
+class Seq2SeqObjective(EncoderDecoderObjective):
+    """Teacher forcing on (source, target) pairs: the decoder reads the start token and the target shifted right.
+
+    Each side ends with EOS. Training batches are pairs drawn uniformly with replacement from a
+    seeded generator; held-out batches are every held-out pair in order. A pair with a side
+    longer than ``max_len`` tokens (EOS included) is dropped from either split.
+    """
+
+    def __init__(self, train_pairs: list[tuple[list[int], list[int]]], val_pairs: list[tuple[list[int], list[int]]],
+                 batch_size: int, seed: int, pad_id: int, decoder_start_id: int, label_smoothing: float = 0.0,
+                 n_dropped: int = 0):
+        super().__init__(batch_size, seed, pad_id, decoder_start_id, label_smoothing)
+        if not train_pairs:
+            raise ValueError("seq2seq has no training pairs that fit in model.max_seq_len tokens.")
+        if not val_pairs:
+            raise ValueError("seq2seq has no held-out pairs that fit in model.max_seq_len tokens.")
+        self.train_rows = train_pairs
+        self.val_rows = val_pairs
+        self.n_dropped = n_dropped
+
+    @classmethod
+    def from_pairs(cls, train_pairs, val_pairs, tokenizer, max_len: int, batch_size: int, seed: int,
+                   decoder_start_id: int, label_smoothing: float = 0.0) -> "Seq2SeqObjective":
+        """Encode (source, target) string pairs with ``tokenizer`` (which has ``pad_id`` and ``eos_id``)."""
+        train_rows, train_dropped = encode_pairs(train_pairs, tokenizer.encode, tokenizer.eos_id, max_len)
+        val_rows, val_dropped = encode_pairs(val_pairs, tokenizer.encode, tokenizer.eos_id, max_len)
+        if train_dropped or val_dropped:
+            logger.warning("seq2seq: dropped %d training and %d held-out pairs longer than %d tokens",
+                           train_dropped, val_dropped, max_len)
+        return cls(train_rows, val_rows, batch_size, seed, tokenizer.pad_id, decoder_start_id, label_smoothing,
+                   train_dropped + val_dropped)
+
+    @classmethod
+    def build_tokenizer(cls, config, corpus) -> Seq2SeqCharTokenizer:
+        """Build a character tokenizer over every character of the corpus and of both splits' pairs."""
+        characters = set(corpus.characters())
+        for split in ("train", "val"):
+            for source, target in load_pair_split(config.objective.pairs, split, corpus):
+                characters.update(source)
+                characters.update(target)
+        return build_seq2seq_tokenizer(config, "".join(sorted(characters)))
+
+    @classmethod
+    def from_run(cls, config, tokenizer, corpus) -> "Seq2SeqObjective":
+        """Load the pairs named by ``objective.pairs`` and encode them with the run's tokenizer."""
+        check_seq2seq_tokenizer(config, tokenizer)
+        return cls.from_pairs(
+            load_pair_split(config.objective.pairs, "train", corpus), load_pair_split(config.objective.pairs, "val", corpus),
+            tokenizer, config.model.max_seq_len, config.train.batch_size, config.train.seed,
+            config.model.decoder_start_token_id, config.objective.label_smoothing,
+        )
+
+    def describe(self) -> str:
+        """Return one line on the data, for the progress display."""
+        dropped = f" ({self.n_dropped:,} longer than max_seq_len dropped)" if self.n_dropped else ""
+        return f"{len(self.train_rows):,} training pairs, {len(self.val_rows):,} held out{dropped}"
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        indices = torch.randint(0, len(self.train_rows), (self.batch_size,), generator=self.generator).tolist()
+        return self.pad([self.train_rows[index] for index in indices])
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+OBJECTIVES = {
+    "causal_lm": CausalLMObjective,
+    "masked_lm": MaskedLMObjective,
+    "span_corruption": SpanCorruptionObjective,
+    "seq2seq": Seq2SeqObjective,
+}
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from minformer.training.checkpoint import (
 )
 from minformer.training.config import RunConfig, resolve_run_config
 from minformer.training.objectives import OBJECTIVES, held_out_loss
-from minformer.training.optim import build_optimizer, learning_rate
+from minformer.training.optim import build_optimizer, inverse_sqrt_learning_rate, learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_tokenizer(config: RunConfig, corpus) -> Tokenizer:
-    """Build the run's tokenizer from the corpus: every character of it, or BPE or WordPiece trained on the training split."""
+    """Build the run's tokenizer from the corpus: every character of it, or BPE or WordPiece trained on the training split.
+
+    An objective that needs special tokens (span corruption, seq2seq) builds its own.
+    """
+    objective_class = OBJECTIVES[config.objective.kind]
+    if hasattr(objective_class, "build_tokenizer"):
+        return objective_class.build_tokenizer(config, corpus)
     if config.tokenizer.kind == "char":
         return CharTokenizer.from_text(corpus.characters())
     if config.tokenizer.kind == "wordpiece":
@@ -258,6 +264,16 @@ class Trainer:
             metrics["aux_loss"] = total_aux
         return metrics
 
+    def learning_rate(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) under ``train.schedule``."""
+        config = self.config.train
+        if config.schedule == "inverse_sqrt":
+            # Vaswani et al. 2017, eq. 3, rescaled so that its peak (at step warmup_steps) is train.lr.
+            d_model = self.config.model.d_model
+            peak = inverse_sqrt_learning_rate(config.warmup_steps, d_model, config.warmup_steps)
+            return config.lr * inverse_sqrt_learning_rate(step + 1, d_model, config.warmup_steps) / peak
+        return learning_rate(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+
     def estimate_val_loss(self) -> float:
         """Mean loss over ``train.eval_windows`` evenly spaced validation windows (the same ones every time)."""
         nats, targets = held_out_loss(
@@ -284,7 +300,7 @@ class Trainer:
             while self.step < config.max_steps:
                 data_state = self.objective.get_state()
                 torch_state = torch.get_rng_state()
-                lr = learning_rate(self.step, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+                lr = self.learning_rate(self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 step_start = time.perf_counter()

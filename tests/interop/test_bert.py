@@ -248,6 +248,17 @@ def test_missing_tensor_is_named(tmp_path):
         from_hf(directory)
 
 
+def test_checkpoint_that_does_not_fit_its_config_is_named(tmp_path):
+    # The weights stay as saved; config.json now claims a wider feed-forward than they have.
+    directory = save_hf(build_hf_bert(transformers.BertModel), tmp_path)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config["intermediate_size"] += 8
+    (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    with pytest.raises(ValueError, match=r"intermediate\.dense\.weight has shape"):
+        from_hf(directory)
+
+
 # ---- to_hf: round trip through transformers ----------------------------------------------------
 
 

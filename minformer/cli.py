@@ -97,6 +97,19 @@ def command_prepare(args) -> int:
         path = prepare_shakespeare(force=args.force)
         print(f"prepared {path} and {path.parent / 'shakespeare-folio'} in {time.perf_counter() - start:.1f} s")
         return 0
+    elif args.what == "folio":
+        from minformer.data.folio import pairs_dir, prepare_folio
+
+        if args.paths or args.name:
+            raise ValueError("`minformer prepare folio` takes no paths or --name.")
+        summary = prepare_folio(force=args.force)
+        for split, counts in summary["splits"].items():
+            print(f"{split}: {counts['pairs']} pairs from {counts['plays']} plays; "
+                  f"{counts['kept_speeches']} of {counts['folio_speeches']} Folio speeches kept "
+                  f"({100 * counts['kept_speech_share']:.1f}%), "
+                  f"{100 * counts['kept_word_share']:.1f}% of Folio words in a kept pair")
+        print(f"prepared {pairs_dir()} in {time.perf_counter() - start:.1f} s")
+        return 0
     else:
         if not args.paths or not args.name:
             raise ValueError("`minformer prepare text` needs FILE_OR_DIR... and --name NAME.")
@@ -376,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="fetch and prepare a corpus")
-    prepare.add_argument("what", choices=["shakespeare", "text"], help="the built-in corpus, or your own text")
+    prepare.add_argument("what", choices=["shakespeare", "folio", "text"],
+                         help="the built-in corpus, the First Folio to modern spelling pairs, or your own text")
     prepare.add_argument("paths", nargs="*", help="with `text`: UTF-8 files or folders of *.txt")
     prepare.add_argument("--name", help="with `text`: the corpus name, used as --data.corpus=NAME")
     prepare.add_argument("--val-fraction", type=float, default=0.1,

@@ -27,7 +27,7 @@ from minformer.scaling import (
     flops_per_token,
     interpolate_approach1,
 )
-from minformer.scaling.fitting import IsoFLOPProfile, fit_approach2, fit_approach3, profiles_from_runs
+from minformer.scaling.fitting import IsoFLOPProfile, fit_approach2, fit_approach3, profiles_from_runs, split_convex
 
 SMALL = dict(vocab_size=100, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)
 CONFIGS = {
@@ -273,6 +273,8 @@ def test_approach3_recovers_exponents_from_noisy_grid():
     assert fit.law.alpha == pytest.approx(law.alpha, rel=0.05)
     assert fit.law.beta == pytest.approx(law.beta, rel=0.05)
     assert fit.law.E == pytest.approx(law.E, rel=0.05)
+    assert fit.law.params_exponent == pytest.approx(law.params_exponent, rel=0.05)
+    assert fit.law.tokens_exponent == pytest.approx(law.tokens_exponent, rel=0.05)
 
 
 def test_approach3_bootstrap_is_seeded_and_brackets_estimate():
@@ -308,6 +310,30 @@ def test_approach2_recovers_allocation_exponents(name):
 
     assert fit.params_exponent == pytest.approx(law.params_exponent, rel=0.02)
     assert fit.tokens_exponent == pytest.approx(law.tokens_exponent, rel=0.02)
+
+
+def test_approach2_takes_tokens_from_runs():
+    # Runs that cost 8 N FLOPs per token, not 6 N: with the runs' tokens, D_opt = C / (8 N_opt) exactly,
+    # because the parabola in log D = log(C / 8) - log N mirrors the one in log N.
+    law = LAWS["besiroglu2024"]
+    profiles = []
+    for compute in np.logspace(18, 20, 3):
+        params = law.optimal(compute).params * np.logspace(-0.6, 0.6, 7)
+        tokens = compute / (8 * params)
+        profiles.append(IsoFLOPProfile(compute=compute, params=params, losses=law.loss(params, tokens), tokens=tokens))
+    fit = fit_approach2(profiles)
+
+    np.testing.assert_allclose(fit.optimal_tokens, fit.computes / (8 * fit.optimal_params), rtol=1e-9)
+
+
+def test_split_convex_separates_profiles():
+    concave = IsoFLOPProfile(compute=1e20, params=np.array([1e8, 1e9, 1e10]), losses=np.array([3.0, 3.5, 3.0]))
+    convex = IsoFLOPProfile(compute=1e21, params=np.array([1e8, 1e9, 1e10]), losses=np.array([3.0, 2.5, 3.0]))
+
+    kept, rejected = split_convex([concave, convex])
+
+    assert [profile.compute for profile in kept] == [1e21]
+    assert [profile.compute for profile in rejected] == [1e20]
 
 
 def test_approach2_rejects_concave_profile():

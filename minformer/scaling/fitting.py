@@ -195,17 +195,20 @@ def bootstrap_intervals(data, theta, delta, n_resamples, confidence, seed):
 
     samples = np.array(samples)  # (resamples, 5): a, b, e, alpha, beta
     alpha, beta = samples[:, 3], samples[:, 4]
-    columns = {
-        "E": np.exp(samples[:, 2]),
-        "A": np.exp(samples[:, 0]),
-        "B": np.exp(samples[:, 1]),
-        "alpha": alpha,
-        "beta": beta,
-        "a": beta / (alpha + beta),
-        "b": alpha / (alpha + beta),
-    }
-    tail = 100 * (1 - confidence) / 2
-    return {name: tuple(float(q) for q in np.percentile(values, [tail, 100 - tail])) for name, values in columns.items()}
+    # A resample of a few runs can drive log A or log B far out, so exp overflows to inf. The
+    # percentiles then return an unbounded interval end (inf or nan), and no warning is printed.
+    with np.errstate(over="ignore", invalid="ignore"):
+        columns = {
+            "E": np.exp(samples[:, 2]),
+            "A": np.exp(samples[:, 0]),
+            "B": np.exp(samples[:, 1]),
+            "alpha": alpha,
+            "beta": beta,
+            "a": beta / (alpha + beta),
+            "b": alpha / (alpha + beta),
+        }
+        tail = 100 * (1 - confidence) / 2
+        return {name: tuple(float(q) for q in np.percentile(values, [tail, 100 - tail])) for name, values in columns.items()}
 
 
 # ---- Approach 2 ---------------------------------------------------------------------------
@@ -213,11 +216,13 @@ def bootstrap_intervals(data, theta, delta, n_resamples, confidence, seed):
 
 @dataclass
 class IsoFLOPProfile:
-    """Runs of one training budget: model sizes and their final losses."""
+    """Runs of one training budget: model sizes, their final losses, and their training tokens if known."""
 
     compute: float
     params: np.ndarray
     losses: np.ndarray
+    tokens: np.ndarray | None = None
+    """Training tokens of each run; when given, Approach 2 takes D_opt from a parabola in log D."""
 
 
 @dataclass
@@ -257,12 +262,14 @@ def parabola_minimum(log_params: np.ndarray, losses: np.ndarray, compute: float)
 def fit_approach2(profiles: list[IsoFLOPProfile]) -> Approach2Fit:
     """Fit a parabola in log N to each IsoFLOP profile, then power laws of its minima against C.
 
-    D_opt at each budget is C / (6 N_opt). The minimum of a parabola fitted over a window is
-    biased when the profile is not symmetric in log N, so centre each profile's sizes on its minimum.
+    D_opt at each budget is the minimum of a parabola of loss in log D when the profile has its
+    runs' tokens (as Hoffmann et al. 2022 fit both), and C / (6 N_opt) otherwise. The minimum of a
+    parabola fitted over a window is biased when the profile is not symmetric in log N, so centre
+    each profile's sizes on its minimum.
     """
     if len(profiles) < 2:
         raise ValueError(f"Approach 2 needs IsoFLOP profiles at 2 or more budgets, got {len(profiles)}.")
-    computes, log_optima, parabolas = [], [], []
+    computes, log_optima, log_token_optima, parabolas = [], [], [], []
     for profile in profiles:
         params = np.asarray(profile.params, dtype=np.float64).ravel()
         losses = np.asarray(profile.losses, dtype=np.float64).ravel()
@@ -270,13 +277,18 @@ def fit_approach2(profiles: list[IsoFLOPProfile]) -> Approach2Fit:
         if params.size < 3:
             raise ValueError(f"The IsoFLOP profile at C={profile.compute:.3g} has {params.size} runs; a parabola needs 3.")
         log_optimum, coefficients = parabola_minimum(np.log(params), losses, profile.compute)
+        if profile.tokens is None:
+            log_token_optima.append(math.log(profile.compute / 6.0) - log_optimum)
+        else:
+            tokens = np.asarray(profile.tokens, dtype=np.float64).ravel()
+            log_token_optima.append(parabola_minimum(np.log(tokens), losses, profile.compute)[0])
         computes.append(profile.compute)
         log_optima.append(log_optimum)
         parabolas.append(coefficients)
 
     computes = np.array(computes, dtype=np.float64)
     optimal_params = np.exp(np.array(log_optima))
-    optimal_tokens = computes / (6.0 * optimal_params)
+    optimal_tokens = np.exp(np.array(log_token_optima))
     params_exponent, params_log_coefficient = np.polyfit(np.log(computes), np.log(optimal_params), 1)
     tokens_exponent, tokens_log_coefficient = np.polyfit(np.log(computes), np.log(optimal_tokens), 1)
     return Approach2Fit(
@@ -294,7 +306,8 @@ def fit_approach2(profiles: list[IsoFLOPProfile]) -> Approach2Fit:
 def profiles_from_runs(params, tokens, losses, flops=None, significant_digits: int = 3) -> list[IsoFLOPProfile]:
     """Group runs into IsoFLOP profiles by their budget rounded to ``significant_digits``.
 
-    ``flops`` defaults to 6 N D. Budgets with fewer than 3 runs are dropped, since no parabola fits them.
+    ``flops`` defaults to 6 N D; give the sweep's nominal budgets, since runs of whole steps miss
+    them slightly. Budgets with fewer than 3 runs are dropped, since no parabola fits them.
     """
     params, tokens, losses = check_runs(params, tokens, losses)
     flops = 6.0 * params * tokens if flops is None else np.asarray(flops, dtype=np.float64).ravel()
@@ -302,7 +315,19 @@ def profiles_from_runs(params, tokens, losses, flops=None, significant_digits: i
     for index, budget in enumerate(flops):
         groups.setdefault(float(f"{budget:.{significant_digits - 1}e}"), []).append(index)
     return [
-        IsoFLOPProfile(compute=budget, params=params[indices], losses=losses[indices])
+        IsoFLOPProfile(compute=budget, params=params[indices], losses=losses[indices], tokens=tokens[indices])
         for budget, indices in sorted(groups.items())
         if len(indices) >= 3
     ]
+
+
+def split_convex(profiles: list[IsoFLOPProfile]) -> tuple[list[IsoFLOPProfile], list[IsoFLOPProfile]]:
+    """Split profiles into those whose parabola in log N is convex, which Approach 2 can use, and the rest."""
+    convex, rejected = [], []
+    for profile in profiles:
+        try:
+            parabola_minimum(np.log(np.asarray(profile.params, dtype=np.float64)), np.asarray(profile.losses), profile.compute)
+            convex.append(profile)
+        except ValueError:
+            rejected.append(profile)
+    return convex, rejected

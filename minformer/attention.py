@@ -51,9 +51,18 @@ def sliding_window_mask(q_len: int, k_len: int, window: int, device=None) -> tor
     return key_positions > query_positions - window
 
 
-def padding_mask(key_padding: torch.Tensor) -> torch.Tensor:
-    """Turn a (batch, k_len) mask of 1 = real token, 0 = padding into a (batch, 1, 1, k_len) bool mask."""
-    return key_padding.bool()[:, None, None, :]
+def padding_mask(key_padding: torch.Tensor) -> torch.Tensor | None:
+    """Turn a (batch, k_len) mask of 1 = real token, 0 = padding into a (batch, 1, 1, k_len) bool mask.
+
+    Returns None when no position is padding, because such a mask changes no output and every
+    layer would pay for it: the fused kernels leave their unmasked path, and a score bias has to
+    be merged with it into a (batch, heads, q_len, k_len) tensor.
+    """
+    mask = key_padding.bool()[:, None, None, :]
+    # Under torch.compile, reading the mask's value back would split the graph, so the mask stays.
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
 
 
 def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
@@ -137,6 +146,10 @@ def scaled_dot_product_attention(
     q_len, k_len = queries.size(-2), keys.size(-2)
     if return_weights and backend != "naive":
         raise ValueError("return_weights=True needs attention_backend='naive'; the fused kernels never form the weights.")
+    if causal and q_len == 1:
+        # One query aligned with the last key sees every key, so the causal mask would be all True.
+        # Dropping it spares each decoding step building that mask and checking it for empty rows.
+        causal = False
 
     if backend == "sdpa" and causal and mask is None and bias is None and window is None and q_len == k_len:
         # The fused kernel's own causal path is the fastest; it aligns top-left, which is the same

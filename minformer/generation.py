@@ -162,7 +162,23 @@ def find_stop_string(text: str, stop: Sequence[str]) -> int:
     return min(starts) if starts else -1
 
 
-@torch.no_grad()
+COMPILED_ATTRIBUTE = "_compiled_for_generation"
+
+
+def compiled_for_generation(model: torch.nn.Module) -> torch.nn.Module:
+    """Return ``torch.compile(model, dynamic=True)``, built on the first call for this model and reused.
+
+    Shapes are marked dynamic because each decoding step sees one more cached position. The wrapper
+    is kept in the model's instance ``__dict__``: assigning it as an attribute would register it as
+    a submodule and list every parameter twice in the state dict.
+    """
+    compiled = vars(model).get(COMPILED_ATTRIBUTE)
+    if compiled is None:
+        compiled = torch.compile(model, dynamic=True)
+        vars(model)[COMPILED_ATTRIBUTE] = compiled
+    return compiled
+
+
 def generate_sequences(
     model,
     input_ids: torch.Tensor,
@@ -181,6 +197,7 @@ def generate_sequences(
     stop_token_sequences: Sequence[Sequence[int]] | None = None,
     stop: Sequence[str] | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Extend ``input_ids`` (batch, prompt_len) by up to ``max_new_tokens`` tokens; temperature 0 is greedy.
 
@@ -193,6 +210,7 @@ def generate_sequences(
       filled with ``pad_token_id`` (default: the first eos id, else 0). Decoding ends when every
       row has finished.
     - ``generator`` seeds the sampling; ``on_token`` receives each new (batch,) column.
+    - ``compile``: run the model through ``torch.compile`` (built once per model and reused).
     """
     check_sampling_options(temperature, top_k, top_p)
     check_generation_inputs(input_ids, attention_mask, max_new_tokens, repetition_penalty, stop, decode)
@@ -212,30 +230,37 @@ def generate_sequences(
     was_training = model.training
     model.eval()
     kv_cache = KVCache.for_model(model, batch) if use_cache else None
+    forward_model = compiled_for_generation(model) if compile else model
     n_unseen = prompt_len
+    # inference_mode, unlike no_grad, also skips autograd's version counters and view tracking.
     try:
-        for _ in range(max_new_tokens):
-            logits = next_token_logits(model, tokens, token_mask, kv_cache, n_unseen, attention_mask is not None)
-            if repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, tokens, repetition_penalty, token_mask)
-            next_token = choose_next_token(logits, temperature, top_k, top_p, generator)
-            next_token = next_token.masked_fill(finished, pad_token_id)
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits = next_token_logits(
+                    forward_model, tokens, token_mask, kv_cache, n_unseen, attention_mask is not None
+                )
+                if repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, tokens, repetition_penalty, token_mask)
+                next_token = choose_next_token(logits, temperature, top_k, top_p, generator)
+                next_token = next_token.masked_fill(finished, pad_token_id)
 
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            token_mask = torch.cat([token_mask, (~finished).long()[:, None]], dim=1)
-            n_unseen = 1
-            if on_token is not None:
-                on_token(next_token)
+                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+                token_mask = torch.cat([token_mask, (~finished).long()[:, None]], dim=1)
+                n_unseen = 1
+                if on_token is not None:
+                    on_token(next_token)
 
-            newly_finished = update_finished(
-                tokens, finished, finish_reasons, new_token_counts, prompt_len, eos_tensor, stop_token_sequences, stop, decode
-            )
-            finished = finished | newly_finished
-            if bool(finished.all()):
-                break
+                newly_finished = update_finished(
+                    tokens, finished, finish_reasons, new_token_counts, prompt_len, eos_tensor,
+                    stop_token_sequences, stop, decode,
+                )
+                finished = finished | newly_finished
+                if bool(finished.all()):
+                    break
     finally:
         model.train(was_training)
-    return GenerationOutput(tokens, token_mask, new_token_counts, finish_reasons)
+    # Clones made outside inference mode are ordinary tensors, which callers may use with autograd.
+    return GenerationOutput(tokens.clone(), token_mask.clone(), new_token_counts, finish_reasons)
 
 
 def update_finished(

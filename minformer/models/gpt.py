@@ -348,7 +348,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"The KV cache was built for batch size {kv_cache.batch_size}, but input_ids has {input_ids.size(0)} rows."
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        # Reading the ids' range back as Python ints splits a torch.compile graph in two, so compiled
+        # code skips this check and relies on the embedding lookup, which also rejects such ids.
+        checks_ids = input_ids.numel() and not torch.compiler.is_compiling()
+        if checks_ids and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
             raise ValueError(f"Token id {bad} is outside the vocabulary of vocab_size={self.config.vocab_size}.")
         expected_mask_shape = (input_ids.size(0), past_len + input_ids.size(1))

@@ -49,7 +49,8 @@ def test_quick_bert_genre_writes_results(tmp_path, monkeypatch, one_thread):
     # The pretraining is an ordinary bert-mini run: its held-out scores are those of `minformer eval`.
     pretraining = results["pretraining"]
     assert pretraining["steps"] == results["settings"]["pretrain_steps"]
-    assert 0.0 <= pretraining["masked_accuracy"] <= 1.0 and pretraining["masked_tokens"] > 0
+    assert 0.0 <= pretraining["masked_accuracy"] <= 1.0
+    assert pretraining["masked_tokens"] > 0
     assert (tmp_path / "out" / "pretrain" / "config.yaml").is_file()
     assert (tmp_path / "out" / "pretrain" / "tokenizer.json").is_file()
 

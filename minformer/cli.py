@@ -316,6 +316,8 @@ def plot_attention(args) -> int:
 
 
 def command_experiment(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder; give a folder for the results.")
     if args.name == "extrapolation":
         from minformer.experiments.extrapolation import run_extrapolation
 
@@ -601,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_plot(args)
         if args.command == "experiment":
             return command_experiment(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
+        # OSError covers a path that is missing, a file where a folder belongs, or unreadable.
         print(f"minformer: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

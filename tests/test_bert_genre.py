@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from minformer.data.corpus import CACHE_ENV, prepare_text
 from minformer.experiments.bert_genre import run_bert_genre
 
@@ -59,3 +61,22 @@ def test_quick_bert_genre_writes_results(tmp_path, monkeypatch, one_thread):
     assert again["pretraining"]["masked_accuracy"] == pretraining["masked_accuracy"]
     assert again["pretraining"]["val_loss"] == pretraining["val_loss"]
     assert again["accuracy"] == results["accuracy"]
+
+
+def test_rerun_with_other_settings_is_rejected(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    sources = tmp_path / "plays"
+    sources.mkdir()
+    rng = random.Random(1)
+    for genre, play_ids in PLAYS_BY_GENRE.items():
+        for play_id in play_ids:
+            lines = [" ".join(rng.choice(WORDS[genre]) for _ in range(8)) + "." for _ in range(40)]
+            (sources / f"{play_id}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare_text([sources], "fake-plays", val_fraction=0.1)
+    prepare_text([sources], "other-plays", val_fraction=0.1)
+    run_bert_genre(tmp_path / "out", corpus_name="fake-plays", quick=True)
+
+    with pytest.raises(ValueError, match=r"data\.corpus is 'fake-plays' there, 'other-plays' here"):
+        run_bert_genre(tmp_path / "out", corpus_name="other-plays", quick=True)
+    with pytest.raises(ValueError, match=r"model\.max_seq_len is 32 there, 128 here"):
+        run_bert_genre(tmp_path / "out", corpus_name="fake-plays", quick=False)

@@ -326,3 +326,66 @@ def test_plan_rejects_invalid_minutes(minutes, capsys):
 
     assert "--minutes=" in error
     assert "positive, finite number of minutes" in error
+
+
+# ---- invalid output paths and result files ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scaling", "sweep", "--quick", "--out"],
+        ["experiment", "emergence", "--quick", "--out"],
+        ["experiment", "bert-genre", "--quick", "--out"],
+        ["experiment", "moe", "--quick", "--out"],
+    ],
+)
+def test_out_that_is_a_file_is_rejected(tmp_path, capsys, command):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder\n", encoding="utf-8")
+
+    assert main([*command, str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_fit_out_that_is_a_file_is_rejected(tmp_path, capsys):
+    results = tmp_path / "runs.jsonl"
+    results.write_text("", encoding="utf-8")
+    target = tmp_path / "a-file"
+    target.write_text("not a folder\n", encoding="utf-8")
+
+    assert main(["scaling", "fit", str(results), "--out", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_runs_file_that_is_a_folder_is_rejected(tmp_path, capsys):
+    (tmp_path / RUNS_FILE).mkdir()
+
+    assert main(["scaling", "sweep", "--quick", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [None, "x", True])
+def test_plan_fit_with_invalid_constant_names_it(tmp_path, capsys, value):
+    fit = {"approach3": {"E": 1.5, "A": 100.0, "B": 100.0, "alpha": 0.3, "beta": value}}
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit), encoding="utf-8")
+
+    assert main(["scaling", "plan", "--minutes", "1", "--throughput", "1e9", "--fit", str(path)]) == 2
+    assert "approach3.beta" in capsys.readouterr().err
+
+
+def test_plan_fit_that_is_not_json_names_the_file(tmp_path, capsys):
+    path = tmp_path / "fit.json"
+    path.write_text("garbage", encoding="utf-8")
+
+    assert main(["scaling", "plan", "--minutes", "1", "--throughput", "1e9", "--fit", str(path)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_plan_with_empty_runs_file_is_rejected(tmp_path, capsys):
+    path = tmp_path / RUNS_FILE
+    path.write_text("", encoding="utf-8")
+
+    assert main(["scaling", "plan", "--minutes", "1", "--throughput", "1e9", "--runs", str(path)]) == 2
+    assert "contains no runs" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch
 from minformer.data.corpus import HELD_OUT_PLAYS, PLAYS, load_corpus
 from minformer.data.tokenizers import WordPieceTokenizer
 from minformer.models.bert import BERTConfig, BERTForSequenceClassification
+from minformer.runs import read_config_yaml
 from minformer.training.config import load_run_config
 from minformer.training.objectives import bert_segments, held_out_masked_accuracy
 from minformer.training.optim import build_optimizer, learning_rate
@@ -131,12 +132,34 @@ def pretraining_overrides(settings: GenreSettings, corpus_name: str) -> dict:
     }
 
 
+def check_saved_pretraining(run_dir: Path, overrides: dict) -> None:
+    """Raise a ``ValueError`` when the run in ``run_dir`` was made with settings other than ``overrides``.
+
+    A rerun reuses or resumes the pretraining run, which is only right when it is the same run:
+    a --quick run or another corpus left in the folder would otherwise be scored as this one.
+    """
+    saved = read_config_yaml(run_dir / "config.yaml")
+    differences = []
+    for dotted, expected in overrides.items():
+        section, field = dotted.split(".", 1)
+        found = (saved.get(section) or {}).get(field)
+        if found != expected:
+            differences.append(f"{dotted} is {found!r} there, {expected!r} here")
+    if differences:
+        raise ValueError(
+            f"{run_dir} holds a pretraining run made with other settings ({'; '.join(differences)}); "
+            "give another --out, or delete that folder to pretrain again."
+        )
+
+
 def pretrain(run_dir: Path, settings: GenreSettings, corpus_name: str) -> tuple[Trainer, dict]:
     """Pretrain (or resume, or reuse a finished) ``bert-mini`` run in ``run_dir``; return it and its held-out scores."""
+    overrides = pretraining_overrides(settings, corpus_name)
     if (run_dir / "config.yaml").exists():
+        check_saved_pretraining(run_dir, overrides)
         trainer = Trainer({}, run_dir, resume=True)
     else:
-        trainer = Trainer(load_run_config("bert-mini", pretraining_overrides(settings, corpus_name)), run_dir)
+        trainer = Trainer(load_run_config("bert-mini", overrides), run_dir)
     result = trainer.run()
     if result.interrupted:
         raise KeyboardInterrupt(f"pretraining interrupted at step {result.steps_done}; rerun the experiment to resume it")

@@ -190,6 +190,12 @@ def command_count(args) -> int:
     return 0
 
 
+def check_output_folder(path: Path) -> None:
+    """Raise a ``ValueError`` when the output folder ``path`` exists as a file."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder; give a folder for the results.")
+
+
 def command_sweep(args) -> int:
     from dataclasses import replace
 
@@ -200,6 +206,9 @@ def command_sweep(args) -> int:
     settings = replace(settings, corpus=args.corpus, budgets=tuple(args.budgets) if args.budgets else settings.budgets)
     if args.threads < 0:
         raise ValueError(f"--threads={args.threads} is invalid; give 0 (torch's default) or a positive count.")
+    check_output_folder(Path(args.out))
+    if (Path(args.out) / RUNS_FILE).exists() and not (Path(args.out) / RUNS_FILE).is_file():
+        raise ValueError(f"{Path(args.out) / RUNS_FILE} is a folder; the sweep appends its runs to a file of that name.")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -316,8 +325,11 @@ def command_fit(args) -> int:
     from minformer.scaling.fitting import fit_approach3
     from minformer.scaling.plots import plot_frontier, plot_isoflops, plot_loss_surface
 
-    runs = read_runs(Path(args.results), "non_embedding_params" if args.non_embedding else "params")
     out = Path(args.out) if args.out else Path(args.results).with_suffix("")
+    check_output_folder(out)
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap={args.bootstrap} is invalid; give 0 (no intervals) or a number of resamples.")
+    runs = read_runs(Path(args.results), "non_embedding_params" if args.non_embedding else "params")
     out.mkdir(parents=True, exist_ok=True)
 
     fit3 = fit_approach3(runs["params"], runs["tokens"], runs["loss"], bootstrap=args.bootstrap, seed=args.seed)

@@ -200,11 +200,20 @@ def load_fit_law(path: Path) -> tuple[LossLaw, dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--fit file not found: {path}; run `minformer scaling fit RUNS` first, which writes fit.json.")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    constants = record.get("approach3") or {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--fit file {path} is not valid JSON ({error}); give a fit.json written by `minformer scaling fit`.") from None
+    constants = record.get("approach3") if isinstance(record, dict) else None
+    if not isinstance(constants, dict):
+        raise ValueError(f"{path} has no 'approach3' section; give a fit.json written by `minformer scaling fit`.")
     missing = [name for name in ("E", "A", "B", "alpha", "beta") if name not in constants]
     if missing:
         raise ValueError(f"{path} has no Approach-3 {', '.join(missing)}; give a fit.json written by `minformer scaling fit`.")
+    for name in ("E", "A", "B", "alpha", "beta"):
+        value = constants[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: approach3.{name} is {value!r}, not a number; give a fit.json written by `minformer scaling fit`.")
     law = LossLaw(**{name: float(constants[name]) for name in ("E", "A", "B", "alpha", "beta")}, name="fit",
                   source=f"Approach 3 fitted to {record.get('runs', 'unnamed runs')} ({record.get('n_runs', '?')} runs), from {path}")
     return law, record
@@ -248,6 +257,8 @@ def plan_inputs(fit_path=None, runs_path=None, throughput=None, context=None, ba
         if not Path(runs_path).is_file():
             raise ValueError(f"--runs file not found: {runs_path}; run `minformer scaling sweep --out DIR` first.")
         rows, _ = read_runs_file(Path(runs_path))
+        if not rows:
+            raise ValueError(f"--runs file {runs_path} contains no runs; let `minformer scaling sweep` finish some first.")
     if fit_path is not None:
         law, record = load_fit_law(Path(fit_path))
         source = law.source

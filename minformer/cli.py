@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -399,6 +400,8 @@ def command_translate(args) -> int:
         )
     if args.beams < 1:
         raise ValueError(f"--beams={args.beams} is invalid; it must be 1 (greedy) or more.")
+    if not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty={args.length_penalty} is invalid; give a finite alpha such as 1.0.")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid; it must be 1 or more.")
     model, tokenizer = load(run_dir)

@@ -272,6 +272,8 @@ def span_corruption_run(tmp_path: Path) -> Path:
         (["the king", "--beams", "100000"], "--beams=100000 is larger than the model's vocabulary"),
         (["the king", "--max-new-tokens", "0"], "--max-new-tokens=0 is invalid"),
         (["the king", "--max-new-tokens", "49"], "exceeds the decoder's model.max_seq_len=48"),
+        (["the king", "--length-penalty", "nan"], "--length-penalty=nan is invalid"),
+        (["the king", "--length-penalty", "inf"], "--length-penalty=inf is invalid"),
     ],
 )
 def test_translate_rejects_bad_input(seq2seq_runs, arguments, message, capsys, one_thread):

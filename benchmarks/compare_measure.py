@@ -157,9 +157,9 @@ class Row:
     work_per_unit: float | None = None
     """FLOPs (or bytes, for decoding) behind one unit of the rate, for the roofline columns."""
     roofline: str | None = None
-    """Which measured limit the achieved rate is compared with (GEMM_FP32, GEMM_BF16 or BANDWIDTH)."""
+    """Measured limit the achieved rate is compared with: GEMM_FP32, GEMM_BF16 or BANDWIDTH."""
     check: str = ""
-    """What the correctness check found (loss difference, tokens that agree)."""
+    """Finding of the correctness check, such as the loss difference or the share of tokens that agree."""
     status: str = "ok"
     """ok, or FAILED / n/a / skipped followed by the reason; a row that is not ok prints no speed."""
 

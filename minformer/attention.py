@@ -54,9 +54,9 @@ def sliding_window_mask(q_len: int, k_len: int, window: int, device=None) -> tor
 def padding_mask(key_padding: torch.Tensor) -> torch.Tensor | None:
     """Turn a (batch, k_len) mask of 1 = real token, 0 = padding into a (batch, 1, 1, k_len) bool mask.
 
-    Returns None when no position is padding, because such a mask changes no output and every
-    layer would pay for it: the fused kernels leave their unmasked path, and a score bias has to
-    be merged with it into a (batch, heads, q_len, k_len) tensor.
+    Returns None when no position is padding, because such a mask changes no output but costs every
+    layer time. The fused kernels leave their unmasked path, and a score bias has to be merged with
+    the mask into a (batch, heads, q_len, k_len) tensor.
     """
     mask = key_padding.bool()[:, None, None, :]
     # Under torch.compile, reading the mask's value back would split the graph, so the mask stays.

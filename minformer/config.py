@@ -188,3 +188,31 @@ def apply_overrides(config: dict, overrides: Mapping[str, Any], known_fields: Ma
             raise ValueError(f"Unknown field '{section}.{field}' in override '--{dotted}'.{hint}")
         result[section][field] = value
     return result
+
+
+class EncoderDecoderConfig(FamilyConfig):
+    """Mixin of the encoder-decoder configs (T5 and the 2017 Transformer): the fields both validate alike.
+
+    The subclass has the fields n_encoder_layers, n_decoder_layers, vocab_size, dropout,
+    tie_embeddings, pad_token_id, eos_token_id and decoder_start_token_id.
+    """
+
+    @property
+    def n_layers(self) -> int:
+        """Total number of blocks in both stacks.
+
+        NOTE: FLOPs estimates in ``minformer.scaling`` multiply per-layer costs by this number and so
+        leave out the cross-attention of the decoder blocks.
+        """
+        return self.n_encoder_layers + self.n_decoder_layers
+
+    def check_shared_fields(self) -> None:
+        """Raise a ``ValueError`` naming the field when dropout, tie_embeddings or a special token id is invalid."""
+        check_positive("dropout", self.dropout, allow_zero=True)
+        if self.dropout >= 1.0:
+            raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
+        check_choice("tie_embeddings", self.tie_embeddings, (True, False))
+        for field in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            check_int(field, getattr(self, field), minimum=0)
+            if getattr(self, field) >= self.vocab_size:
+                raise ValueError(f"{field}={getattr(self, field)} is outside the vocabulary of vocab_size={self.vocab_size}.")

@@ -375,7 +375,7 @@ def test_plan_fit_with_invalid_constant_names_it(tmp_path, capsys, value):
     assert "approach3.beta" in capsys.readouterr().err
 
 
-def test_plan_fit_that_is_not_json_names_the_file(tmp_path, capsys):
+def test_plan_rejects_invalid_fit_json(tmp_path, capsys):
     path = tmp_path / "fit.json"
     path.write_text("garbage", encoding="utf-8")
 

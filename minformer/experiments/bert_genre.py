@@ -147,7 +147,7 @@ def check_saved_pretraining(run_dir: Path, overrides: dict) -> None:
             differences.append(f"{dotted} is {found!r} there, {expected!r} here")
     if differences:
         raise ValueError(
-            f"{run_dir} holds a pretraining run made with other settings ({'; '.join(differences)}); "
+            f"{run_dir} contains a pretraining run made with other settings ({'; '.join(differences)}); "
             "give another --out, or delete that folder to pretrain again."
         )
 

@@ -24,14 +24,14 @@ from torch import nn
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.cache import EncoderDecoderCache
-from minformer.config import FamilyConfig, check_choice, check_int, check_positive
+from minformer.config import EncoderDecoderConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
 from minformer.norms import NORMS, build_norm
 from minformer.positions import T5RelativeBias
 
 
 @dataclass(frozen=True)
-class T5Config(FamilyConfig):
+class T5Config(EncoderDecoderConfig):
     """Hyperparameters of a T5 encoder-decoder, in the vocabulary every minformer family shares."""
 
     vocab_size: int = 32128
@@ -82,15 +82,6 @@ class T5Config(FamilyConfig):
 
     family = "t5"
 
-    @property
-    def n_layers(self) -> int:
-        """Total number of blocks in both stacks.
-
-        NOTE: FLOPs estimates in ``minformer.scaling`` multiply per-layer costs by this number and so
-        leave out the cross-attention of the decoder blocks.
-        """
-        return self.n_encoder_layers + self.n_decoder_layers
-
     def __post_init__(self):
         for field in ("vocab_size", "max_seq_len", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads"):
             check_int(field, getattr(self, field))
@@ -110,14 +101,7 @@ class T5Config(FamilyConfig):
             )
         # NOTE: flash is left out because it has not been tested with T5's bias and cross-attention cache.
         check_choice("attention_backend", self.attention_backend, tuple(b for b in BACKENDS if b != "flash"))
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1.0:
-            raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
-        check_choice("tie_embeddings", self.tie_embeddings, (True, False))
-        for field in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
-            check_int(field, getattr(self, field), minimum=0)
-            if getattr(self, field) >= self.vocab_size:
-                raise ValueError(f"{field}={getattr(self, field)} is outside the vocabulary of vocab_size={self.vocab_size}.")
+        self.check_shared_fields()
         check_positive("init_factor", self.init_factor)
 
 

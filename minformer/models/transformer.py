@@ -22,14 +22,14 @@ from torch import nn
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.cache import EncoderDecoderCache
-from minformer.config import FamilyConfig, check_choice, check_int, check_positive
+from minformer.config import EncoderDecoderConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
 from minformer.norms import NORMS, build_norm
 from minformer.positions import build_absolute_positions
 
 
 @dataclass(frozen=True)
-class TransformerConfig(FamilyConfig):
+class TransformerConfig(EncoderDecoderConfig):
     """Hyperparameters of the 2017 encoder-decoder Transformer, in the vocabulary every minformer family shares."""
 
     vocab_size: int = 37000
@@ -77,15 +77,6 @@ class TransformerConfig(FamilyConfig):
 
     family = "transformer"
 
-    @property
-    def n_layers(self) -> int:
-        """Total number of blocks in both stacks.
-
-        NOTE: FLOPs estimates in ``minformer.scaling`` multiply per-layer costs by this number and so
-        leave out the cross-attention of the decoder blocks.
-        """
-        return self.n_encoder_layers + self.n_decoder_layers
-
     def __post_init__(self):
         for field in ("vocab_size", "max_seq_len", "d_model", "n_encoder_layers", "n_decoder_layers", "n_heads", "d_ff"):
             check_int(field, getattr(self, field))
@@ -113,15 +104,8 @@ class TransformerConfig(FamilyConfig):
         check_choice("position", self.position, ("sinusoidal", "learned"))
         # NOTE: flash is left out because it has not been tested with the cross-attention cache.
         check_choice("attention_backend", self.attention_backend, tuple(b for b in BACKENDS if b != "flash"))
-        check_positive("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1.0:
-            raise ValueError(f"dropout={self.dropout} is invalid; it must be in [0, 1).")
         check_choice("bias", self.bias, (True, False))
-        check_choice("tie_embeddings", self.tie_embeddings, (True, False))
-        for field in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            check_int(field, getattr(self, field), minimum=0)
-            if getattr(self, field) >= self.vocab_size:
-                raise ValueError(f"{field}={getattr(self, field)} is outside the vocabulary of vocab_size={self.vocab_size}.")
+        self.check_shared_fields()
 
     def block_config(self, decoder: bool) -> BlockConfig:
         """Return the per-block fields: non-causal in the encoder; causal with cross-attention in the decoder."""
@@ -214,8 +198,10 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise the shared matrix and a learned position table ~ N(0, 1/d_model), linear layers
-        Xavier-uniform with zero biases; norm gains stay 1 (see the module docstring)."""
+        """Initialise the shared matrix and any learned position table from N(0, 1/d_model).
+
+        Linear layers get Xavier-uniform weights and zero biases, and norm gains stay 1.
+        """
         std = self.config.d_model**-0.5
         nn.init.normal_(self.shared.weight, std=std)
         if not self.config.tie_embeddings:

@@ -120,9 +120,9 @@ class SweepSettings:
 
 
 # The default grid: 4 budgets spanning one decade, 5 sizes each, 20 runs. In pilot runs on Shakespeare
-# the best size was 12k parameters at 3e11 FLOPs and at most 20k at 1e12 FLOPs: some 400 tokens per
-# parameter, far from Chinchilla's 20, because at these budgets a model is limited by its optimizer
-# steps. A batch of 8 sequences gave a lower loss than 32 at the same FLOPs (1.91 against 2.10 for
+# the best size was 12k parameters at 3e11 FLOPs and at most 20k at 1e12 FLOPs. That is some 400
+# tokens per parameter, far from Chinchilla's 20, because at these budgets a model is limited by its
+# optimizer steps. A batch of 8 sequences gave a lower loss than 32 at the same FLOPs (1.91 against 2.10 for
 # 20k parameters at 1e12 FLOPs).
 FULL = SweepSettings(budgets=(1.7e11, 3.7e11, 8e11, 1.7e12), tokens_per_param=400.0, batch_size=8)
 QUICK = SweepSettings(

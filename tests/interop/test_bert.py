@@ -248,7 +248,7 @@ def test_missing_tensor_is_named(tmp_path):
         from_hf(directory)
 
 
-def test_checkpoint_that_does_not_fit_its_config_is_named(tmp_path):
+def test_misfit_checkpoint_names_tensor(tmp_path):
     # The weights stay as saved; config.json now claims a wider feed-forward than they have.
     directory = save_hf(build_hf_bert(transformers.BertModel), tmp_path)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,26 @@ import yaml
 
 CONFIG_FORMAT_VERSION = 1
 SECTIONS = ("model", "data", "tokenizer", "objective", "train")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (``6e-4``) as numbers.
+
+    PyYAML follows YAML 1.1, where ``6e-4`` is a string; YAML 1.2 and every other tool read it as a
+    number, and learning rates are habitually written that way.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML ``text`` with ``ConfigLoader`` (safe: plain data only, no Python objects)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
 
 
 def close_matches_hint(name: str, candidates) -> str:
@@ -137,7 +158,7 @@ def load_config_file(name_or_path: str | Path) -> dict:
         text = (resources.files("minformer") / "configs" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
         source = f"preset {name_or_path}"
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"Invalid YAML in {source}: {error}") from None
     if not isinstance(data, dict):
@@ -161,7 +182,7 @@ def load_config_file(name_or_path: str | Path) -> dict:
 def parse_override_value(text: str) -> Any:
     """Parse the value of a ``--section.field=value`` override with YAML scalar rules."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from minformer.config import load_yaml
 from minformer.data.tokenizers import Tokenizer, load_tokenizer
 from minformer.models import build_model
 from minformer.training.checkpoint import CheckpointError, latest_checkpoint, load_model_tensors, read_checkpoint
@@ -22,7 +23,7 @@ def read_config_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent} is not a run directory: config.yaml not found.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

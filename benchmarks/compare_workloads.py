@@ -7,7 +7,8 @@ training, the same outputs for an encoder, the same greedy tokens for generation
 turns the row into ``FAILED`` and no speed is printed for it.
 
 Training steps are forward, backward and an AdamW step (minformer's ``build_optimizer`` on both
-sides, so the optimizer does the same work). bf16 training uses ``torch.autocast``; bf16
+sides, so the optimizer does the same work). It is the fused AdamW kernel, which is also what the
+``transformers`` Trainer uses by default with torch 2.8 or later (``optim="adamw_torch_fused"``). bf16 training uses ``torch.autocast``; bf16
 inference converts the weights to bf16. Times are medians over repeats after warm-up.
 """
 

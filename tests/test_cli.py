@@ -367,19 +367,21 @@ def test_sample_rejects_bad_options_before_printing(trained_run, capsys, options
     [("1e-3", 0.001), ("6E-4", 0.0006), ("+2e5", 200000.0), ("-1.5e-3", -0.0015), (".5e1", 5.0), ("3", 3),
      ("0.1", 0.1), ("1e", "1e"), ("e5", "e5"), ("1e-3x", "1e-3x")],
 )
-def test_exponent_numbers_without_a_dot_are_numbers(text, expected):
+def test_exponent_floats_parse_as_numbers(text, expected):
     """YAML 1.2 reads 1e-3 as a number; PyYAML's YAML 1.1 rules would keep it a string."""
     value = parse_override_value(text)
 
-    assert value == expected and type(value) is type(expected)
+    assert value == expected
+    assert type(value) is type(expected)
 
 
-def test_exponent_learning_rate_in_override_and_config_file(tmp_path):
+def test_exponent_lr_in_config_file(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("model:\n  family: gpt\ntrain:\n  lr: 6e-4\n  min_lr: 6e-5\n", encoding="utf-8")
 
     from_file = load_run_config(config_file, {})
     from_override = load_run_config("gpt-tiny", {"train.lr": parse_override_value("1e-3")})
 
-    assert from_file["train"]["lr"] == 6e-4 and from_file["train"]["min_lr"] == 6e-5
+    assert from_file["train"]["lr"] == 6e-4
+    assert from_file["train"]["min_lr"] == 6e-5
     assert from_override["train"]["lr"] == 1e-3

@@ -26,6 +26,7 @@ from torch import nn
 
 from minformer.cache import LayerKVCache
 from minformer.flash import flash_attention
+from minformer.linear import Linear
 from minformer.positions import Rotation
 
 BACKENDS = ("naive", "sdpa", "flash")
@@ -201,10 +202,10 @@ class MultiHeadAttention(nn.Module):
         self.window = window
         self.scale = scale
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.d_head, bias=bias)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
-        self.out_proj = nn.Linear(self.n_heads * self.d_head, d_model, bias=bias)
+        self.q_proj = Linear(d_model, self.n_heads * self.d_head, bias=bias)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.d_head, bias=bias)
+        self.out_proj = Linear(self.n_heads * self.d_head, d_model, bias=bias)
 
     def split_heads(self, projected: torch.Tensor, n_heads: int) -> torch.Tensor:
         """(batch, seq, n_heads * d_head) -> (batch, n_heads, seq, d_head)."""

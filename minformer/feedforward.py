@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minformer.linear import Linear
+
 # `gelu` is the exact erf form (BERT); `gelu_tanh` is the tanh approximation GPT-2 uses.
 # `geglu_tanh` gates with the tanh GELU, as T5 v1.1 does ("gated-gelu", i.e. gelu_new, in transformers).
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "geglu", "geglu_tanh", "swiglu", "reglu")
@@ -37,9 +39,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = activation in GATED_ACTIVATIONS
         self.act = activation_fn(GATED_ACTIVATIONS.get(activation, activation))
-        self.fc_in = nn.Linear(d_model, d_ff, bias=bias)
-        self.fc_gate = nn.Linear(d_model, d_ff, bias=bias) if self.gated else None
-        self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
+        self.fc_in = Linear(d_model, d_ff, bias=bias)
+        self.fc_gate = Linear(d_model, d_ff, bias=bias) if self.gated else None
+        self.fc_out = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

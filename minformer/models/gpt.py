@@ -17,11 +17,12 @@ from torch import nn
 
 from minformer.attention import BACKENDS, padding_mask
 from minformer.blocks import BlockConfig, TransformerBlock
+from minformer.cache import KVCache
 from minformer.config import FamilyConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS, FeedForward
+from minformer.linear import Linear
 from minformer.moe import MoEFeedForward, MoEStats
 from minformer.norms import NORMS, build_norm
-from minformer.cache import KVCache
 from minformer.positions import (
     POSITIONS,
     ROPE_SCALINGS,
@@ -285,7 +286,7 @@ class GPT(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config.block_config(index)) for index in range(config.n_layers))
         self.final_norm = build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.reset_parameters()

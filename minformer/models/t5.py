@@ -26,6 +26,7 @@ from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.cache import EncoderDecoderCache
 from minformer.config import EncoderDecoderConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
+from minformer.linear import Linear
 from minformer.norms import NORMS, build_norm
 from minformer.positions import T5RelativeBias
 
@@ -204,7 +205,7 @@ class T5(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, decoder=False)
         self.decoder = T5Stack(config, decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.shared.weight
         self.reset_parameters()

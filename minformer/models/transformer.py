@@ -24,6 +24,7 @@ from minformer.blocks import BlockConfig, TransformerBlock
 from minformer.cache import EncoderDecoderCache
 from minformer.config import EncoderDecoderConfig, check_choice, check_int, check_positive
 from minformer.feedforward import ACTIVATIONS
+from minformer.linear import Linear
 from minformer.norms import NORMS, build_norm
 from minformer.positions import build_absolute_positions
 
@@ -192,7 +193,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.encoder = TransformerStack(config, decoder=False)
         self.decoder = TransformerStack(config, decoder=True)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.shared.weight
         self.reset_parameters()

@@ -78,8 +78,12 @@ class SinusoidalPositions(nn.Module):
 
 
 def check_position_range(position_ids: torch.Tensor, max_seq_len: int) -> None:
-    """Raise a ``ValueError`` when a position id falls outside a table of ``max_seq_len`` rows."""
-    if position_ids.numel() == 0:
+    """Raise a ``ValueError`` when a position id falls outside a table of ``max_seq_len`` rows.
+
+    Skipped under ``torch.compile``, because reading the range back to Python splits the graph;
+    the table lookup itself still rejects an index outside the table.
+    """
+    if position_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     largest = int(position_ids.max())
     smallest = int(position_ids.min())

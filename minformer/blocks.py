@@ -118,6 +118,7 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         moe_stats: list | None = None,
         memory_kv_cache: LayerKVCache | None = None,
+        token_index: torch.Tensor | None = None,
     ):
         """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``.
 
@@ -125,6 +126,9 @@ class TransformerBlock(nn.Module):
         block appends its ``MoEStats`` to ``moe_stats`` when that list is given.
         ``memory_kv_cache`` reaches the cross-attention: it stores the keys and values of ``memory``,
         so a later call may pass an empty (batch, 0, d_model) ``memory`` and reuse them.
+        ``token_index`` (the flat indices of the real tokens in batch * seq) runs the dense
+        feed-forward sub-layer on those tokens only. Padding positions then keep their values from
+        after attention, which no real token reads, because masks hide padding from attention.
         """
         weights = []
 
@@ -140,7 +144,12 @@ class TransformerBlock(nn.Module):
             hidden = self.residual(
                 hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask, kv_cache=memory_kv_cache)[0]
             )
-        hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
+        if token_index is None or isinstance(self.ffn, MoEFeedForward):
+            hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
+        else:
+            flat = hidden.reshape(-1, hidden.size(-1))  # (batch * seq, d_model)
+            real = self.residual(flat.index_select(0, token_index), self.ffn_norm, self.ffn)  # (n_real, d_model)
+            hidden = flat.index_copy(0, token_index, real).view_as(hidden)
         return hidden, weights[0]
 
     def feed_forward(self, normed: torch.Tensor, moe_stats: list | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # One row holds exactly in_features numbers; F.linear rejects any other last dimension anyway.
+        # One row has exactly in_features numbers; F.linear rejects any other last dimension anyway.
         if (
             hidden.numel() == self.in_features
             and hidden.dim() >= 1

@@ -160,3 +160,23 @@ def test_classification_labels_out_of_range_raise():
     model = BERTForSequenceClassification(tiny_config())
     with pytest.raises(ValueError, match="n_labels=3"):
         model(torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0, 3]))
+
+
+def test_inference_skips_padding_same_outputs():
+    """Without gradients the feed-forward layers run on real tokens only; real positions must not change."""
+    config = BERTConfig(vocab_size=50, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = BERT(config).eval()
+    input_ids = torch.randint(1, 50, (3, 16))
+    attention_mask = torch.ones(3, 16, dtype=torch.long)
+    attention_mask[1, 10:] = 0
+    attention_mask[2, 3:] = 0
+    real = attention_mask.bool()
+
+    with torch.enable_grad():
+        full = model(input_ids, attention_mask=attention_mask).hidden_states.detach()
+    with torch.inference_mode():
+        packed = model(input_ids, attention_mask=attention_mask).hidden_states
+
+    torch.testing.assert_close(packed[real], full[real], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(packed).all()

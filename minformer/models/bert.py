@@ -215,13 +215,26 @@ class BERT(nn.Module):
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)  # (batch, seq, d_model)
 
         mask = padding_mask(attention_mask) if attention_mask is not None else None  # (batch, 1, 1, seq)
+        token_index = real_token_index(attention_mask) if mask is not None else None
         attentions = []
         for block in self.blocks:
-            hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions)
+            hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions, token_index=token_index)
             attentions.append(attn_weights)
 
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None  # (batch, d_model)
         return BERTOutput(hidden_states=hidden, pooled_output=pooled, attentions=attentions if return_attentions else None)
+
+
+def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Return the flat indices of the real tokens of ``attention_mask`` (batch, seq) for inference, else None.
+
+    Without gradients, the feed-forward sub-layers then skip padding (about 1 token in 8 of a
+    typical padded batch). Training keeps the full computation, so that gradients stay those of
+    the plain model; under ``torch.compile`` the data-dependent index would split the graph.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return attention_mask.reshape(-1).nonzero().squeeze(1)
 
 
 class MaskedLMHead(nn.Module):

@@ -126,15 +126,17 @@ class TransformerBlock(nn.Module):
         block appends its ``MoEStats`` to ``moe_stats`` when that list is given.
         ``memory_kv_cache`` reaches the cross-attention: it stores the keys and values of ``memory``,
         so a later call may pass an empty (batch, 0, d_model) ``memory`` and reuse them.
-        ``token_index`` (the flat indices of the real tokens in batch * seq) runs the dense
-        feed-forward sub-layer on those tokens only. Padding positions then keep their values from
-        after attention, which no real token reads, because masks hide padding from attention.
+        ``token_index`` (the flat indices of the real tokens in batch * seq) runs the self-attention
+        projections and the dense feed-forward sub-layer on those tokens only. ``mask`` must then
+        hide padding keys. Outputs at padding positions are not those of the full computation, and
+        no real token reads them.
         """
         weights = []
 
         def self_attention(normed):
             output, attn_weights = self.attn(
-                normed, mask=mask, return_weights=return_weights, bias=bias, rotation=rotation, kv_cache=kv_cache
+                normed, mask=mask, return_weights=return_weights, bias=bias, rotation=rotation, kv_cache=kv_cache,
+                token_index=token_index,
             )
             weights.append(attn_weights)
             return output

@@ -228,8 +228,7 @@ class BERT(nn.Module):
 def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Return the flat indices of the real tokens of ``attention_mask`` (batch, seq) for inference, else None.
 
-    Without gradients, the feed-forward sub-layers then skip padding (about 1 token in 8 of a
-    typical padded batch). Training keeps the full computation, so that gradients stay those of
+    Without gradients, the attention projections and feed-forward sub-layers then skip padding. Training keeps the full computation, so that gradients stay those of
     the plain model; under ``torch.compile`` the data-dependent index would split the graph.
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling():

@@ -85,6 +85,23 @@ def test_invalid_objective_fields_raise(overrides, field):
         resolve_run_config(load_run_config("transformer-tiny", overrides), vocab_size=100)
 
 
+@pytest.mark.parametrize(
+    "preset, overrides, field",
+    [
+        ("t5-tiny", {"objective.kind": "span_corruption", "objective.pairs": "copy"}, "objective.pairs"),
+        ("t5-tiny", {"objective.kind": "seq2seq", "objective.noise_density": 0.3}, "objective.noise_density"),
+        ("t5-tiny", {"objective.kind": "seq2seq", "objective.mean_noise_span_length": 5.0}, "objective.mean_noise_span_length"),
+        ("gpt-tiny", {"objective.mask_probability": 0.3}, "objective.mask_probability"),
+        ("bert-tiny", {"objective.pairs": "reverse"}, "objective.pairs"),
+    ],
+)
+def test_field_of_other_objective_rejected(preset, overrides, field):
+    with pytest.raises(ValueError, match=f"{field}=.*has no effect") as error:
+        resolve_run_config(load_run_config(preset, overrides), vocab_size=100)
+
+    assert "objective.kind=" in str(error.value)
+
+
 def test_label_smoothing_rejected_for_causal_lm():
     with pytest.raises(ValueError, match="label_smoothing"):
         resolve_run_config(load_run_config("gpt-tiny", {"objective.label_smoothing": 0.1}), vocab_size=100)

@@ -88,6 +88,23 @@ class ObjectiveConfig:
                 f"objective.label_smoothing={self.label_smoothing} is not supported with objective.kind={self.kind!r}; "
                 "it applies to span_corruption and seq2seq only."
             )
+        for field, kinds in OBJECTIVE_FIELD_KINDS.items():
+            value = getattr(self, field)
+            if self.kind not in kinds and value != OBJECTIVE_DEFAULTS[field]:
+                raise ValueError(
+                    f"objective.{field}={value!r} has no effect with objective.kind={self.kind!r}; it applies to "
+                    f"{' and '.join(kinds)} only. Remove it or change objective.kind."
+                )
+
+
+OBJECTIVE_FIELD_KINDS = {
+    "mask_probability": ("masked_lm",),
+    "noise_density": ("span_corruption",),
+    "mean_noise_span_length": ("span_corruption",),
+    "pairs": ("seq2seq",),
+}
+"""The objective kinds that read each field; another kind rejects a value other than the default."""
+OBJECTIVE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ObjectiveConfig)}
 
 
 @dataclass(frozen=True)

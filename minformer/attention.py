@@ -234,10 +234,10 @@ class MultiHeadAttention(nn.Module):
         """
         source = hidden if memory is None else memory
         if token_index is not None and memory is None:
-            queries, keys, values = (
-                self.split_heads(projection, heads)
-                for projection, heads in zip(self.project_real_tokens(hidden, token_index), (self.n_heads, self.n_kv_heads, self.n_kv_heads))
-            )
+            projected_queries, projected_keys, projected_values = self.project_real_tokens(hidden, token_index)
+            queries = self.split_heads(projected_queries, self.n_heads)
+            keys = self.split_heads(projected_keys, self.n_kv_heads)
+            values = self.split_heads(projected_values, self.n_kv_heads)
         else:
             token_index = None
             queries = self.split_heads(self.q_proj(hidden), self.n_heads)  # (batch, heads, q_len, d_head)

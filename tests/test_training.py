@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from conftest import REPO_ROOT, TINY_OVERRIDES, overrides_dict, run_cli, subprocess_env
 from minformer import GPT, GPTConfig
 from minformer.data.datasets import evaluation_windows
+from minformer.training import trainer as trainer_module
 from minformer.training.checkpoint import latest_checkpoint, read_checkpoint
 from minformer.training.config import load_run_config
 from minformer.training.optim import build_optimizer, learning_rate
@@ -406,3 +407,28 @@ def test_resume_without_checkpoint_starts_from_step_zero(tiny_env, tmp_path):
 
     assert killed.step == 0
     assert losses(tmp_path / "killed") == losses(tmp_path / "reference")
+
+
+def test_threads_above_cpus_warn(monkeypatch, caplog):
+    monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="minformer.training.trainer"):
+            trainer_module.set_torch_threads(2, "train.threads")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+    assert "train.threads=2 exceeds the 1 CPUs" in caplog.text
+
+
+def test_threads_within_cpus_do_not_warn(monkeypatch, caplog):
+    monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="minformer.training.trainer"):
+            trainer_module.set_torch_threads(1, "train.threads")
+    finally:
+        torch.set_num_threads(before)
+
+    assert "exceeds" not in caplog.text

@@ -201,6 +201,7 @@ def command_sweep(args) -> int:
 
     from minformer.cli import format_duration
     from minformer.scaling.sweep import run_sweep
+    from minformer.training.trainer import set_torch_threads
 
     settings = QUICK if args.quick else FULL
     settings = replace(settings, corpus=args.corpus, budgets=tuple(args.budgets) if args.budgets else settings.budgets)
@@ -210,7 +211,7 @@ def command_sweep(args) -> int:
     if (Path(args.out) / RUNS_FILE).exists() and not (Path(args.out) / RUNS_FILE).is_file():
         raise ValueError(f"{Path(args.out) / RUNS_FILE} is a folder; the sweep appends its runs to a file of that name.")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_torch_threads(args.threads, "--threads")
 
     start = time.perf_counter()
     rows = run_sweep(

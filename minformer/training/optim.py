@@ -28,8 +28,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         {"params": decayed, "weight_decay": weight_decay},
         {"params": not_decayed, "weight_decay": 0.0},
     ]
-    # The fused kernel (one pass over each tensor) runs the update about 4x faster than the
-    # foreach path on CPU, and it exists for CPU and CUDA tensors; other devices keep foreach.
+    # The fused kernel makes one pass over each tensor, which ran the update 4x faster than the
+    # foreach path on CPU. It exists for CPU and CUDA tensors only, so other devices keep foreach.
     fused = all(parameter.device.type in ("cpu", "cuda") for group in groups for parameter in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,18 @@ from minformer.training.optim import build_optimizer, inverse_sqrt_learning_rate
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
+
+
+def set_torch_threads(count: int, name: str) -> None:
+    """Set torch's thread count to ``count``, logging a warning that names ``name`` when it exceeds the usable CPUs.
+
+    More threads than CPUs make torch's threads wait on each other, which usually slows a run down.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count > usable:
+        logger.warning("%s=%d exceeds the %d CPUs this process can use; extra threads usually slow training down.",
+                       name, count, usable)
+    torch.set_num_threads(count)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,7 +149,7 @@ class Trainer:
             )
         train_config = self.config.train
         if train_config.threads:
-            torch.set_num_threads(train_config.threads)
+            set_torch_threads(train_config.threads, "train.threads")
         self.device = resolve_device(train_config.device)
         self.autocast_dtype = torch.bfloat16 if train_config.dtype == "bfloat16" else None
 

@@ -308,6 +308,20 @@ def test_plan_falls_back_to_published_law(tiny_env, capsys):
     assert params == pytest.approx(LAWS["besiroglu2024"].optimal(1e10 * 120).params, rel=1e-3)
 
 
+def test_plan_notes_budget_below_smallest_shape(tiny_env, capsys):
+    assert main(["scaling", "plan", "--minutes", "0.0001", "--throughput", "1e9", "--corpus", "tiny"]) == 0
+    output = capsys.readouterr().out
+
+    assert "note:" in output
+    assert "smallest one the plan builds" in output
+
+
+def test_plan_without_note_near_optimum(tiny_env, capsys):
+    assert main(["scaling", "plan", "--minutes", "2", "--throughput", "1e10", "--corpus", "tiny"]) == 0
+
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_plan_measures_throughput(tiny_env, one_thread, capsys):
     arguments = ["--minutes", "1", "--corpus", "tiny", "--context", "16", "--batch-size", "4", "--measure-seconds", "0.2"]
     assert main(["scaling", "plan", *arguments]) == 0

@@ -321,6 +321,13 @@ def format_plan(plan: Plan, inputs: PlanInputs, dtype: str = "float32") -> str:
     )
     if inputs.corpus != "shakespeare":
         command += f" --data.corpus={inputs.corpus}"
+    notes = []
+    if not 0.5 <= plan.params / optimum.params <= 2.0:
+        side = "smallest" if plan.params > optimum.params else "largest"
+        notes.append(
+            f"note:        the shape has {plan.params / optimum.params:.3g}x N_opt because it is the {side} one the plan "
+            "builds, so the budget lies outside what the plan can size well and the predicted loss is off the optimum"
+        )
     return "\n".join([
         f"law:         {inputs.law_source}",
         f"throughput:  {plan.throughput.flops_per_second:.3g} FLOP/s ({plan.throughput.source})",
@@ -332,4 +339,5 @@ def format_plan(plan: Plan, inputs: PlanInputs, dtype: str = "float32") -> str:
         f"training:    {plan.steps:,} steps x batch {plan.batch_size} x context {plan.context} = {plan.tokens:,} tokens "
         f"(C / {plan.flops_per_token:.3g} FLOPs per token of this shape), predicted loss {plan.predicted_loss:.3f}",
         f"command:     {command}",
+        *notes,
     ])

@@ -403,3 +403,31 @@ def test_plan_with_empty_runs_file_is_rejected(tmp_path, capsys):
 
     assert main(["scaling", "plan", "--minutes", "1", "--throughput", "1e9", "--runs", str(path)]) == 2
     assert "contains no runs" in capsys.readouterr().err
+
+
+def test_fit_rejects_runs_of_one_size(tmp_path, capsys):
+    results = tmp_path / "runs.jsonl"
+    rows = [{"params": 1e5, "tokens": tokens, "loss": 2.0 + 1e6 / tokens} for tokens in np.logspace(6, 8, 6)]
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    assert main(["scaling", "fit", str(results), "--out", str(tmp_path / "fit"), "--bootstrap", "0"]) == 2
+    error = capsys.readouterr().err
+
+    assert "same params" in error
+    assert "at least two values" in error
+
+
+def test_fit_rejects_mixed_recipes(tmp_path, capsys):
+    law = LAWS["besiroglu2024"]
+    results = tmp_path / "runs.jsonl"
+    synthetic_runs(law, results, flops_per_second=2e9)
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    for index, row in enumerate(rows):
+        row["recipe"] = {"context": 128, "lr": 0.002 if index < 20 else 0.001, "corpus": "shakespeare"}
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    assert main(["scaling", "fit", str(results), "--out", str(tmp_path / "fit"), "--bootstrap", "0"]) == 2
+    error = capsys.readouterr().err
+
+    assert "runs.jsonl:21 has another recipe than line 1" in error
+    assert "(lr differ)" in error

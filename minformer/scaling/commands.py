@@ -249,7 +249,33 @@ def read_runs(path: Path, params_key: str = "params") -> dict[str, list[float]]:
         columns["loss"].append(float(row["loss"]))
     if not columns["loss"]:
         raise ValueError(f"{path} contains no runs; run `minformer scaling sweep` first or add runs to the file.")
+    check_one_recipe(path, rows)
+    for column, name in (("params", params_key), ("tokens", "tokens")):
+        if len(set(columns[column])) < 2:
+            raise ValueError(
+                f"Every run in {path} has the same {name} ({columns[column][0]:g}); a loss law needs runs of "
+                f"at least two values of {name}, so the sweep must vary model size and training length."
+            )
     return columns
+
+
+def check_one_recipe(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """Raise a ``ValueError`` naming the line and fields where a run's ``recipe`` differs from the first run's.
+
+    Runs trained with another corpus, context, batch size or learning rate follow another loss law,
+    so one fit must not mix them. Rows without a recipe are not checked.
+    """
+    recipes = [(line_number, row["recipe"]) for line_number, row in rows if isinstance(row.get("recipe"), dict)]
+    if not recipes:
+        return
+    first_line, first = recipes[0]
+    for line_number, recipe in recipes[1:]:
+        differing = sorted(key for key in set(first) | set(recipe) if first.get(key) != recipe.get(key))
+        if differing:
+            raise ValueError(
+                f"{path}:{line_number} has another recipe than line {first_line} ({', '.join(differing)} differ); "
+                "fit runs of one recipe only, by writing each recipe's runs to its own file."
+            )
 
 
 def print_approach3(fit3, bootstrap: int) -> None:

@@ -221,28 +221,18 @@ class MultiHeadAttention(nn.Module):
         bias: torch.Tensor | None = None,
         rotation: Rotation | None = None,
         kv_cache: LayerKVCache | None = None,
-        token_index: torch.Tensor | None = None,
     ):
         """Attend from ``hidden`` (batch, q_len, d_model); returns ``(output, attn_weights or None)``.
 
         ``bias`` is added to the scores (see ``scaled_dot_product_attention``); ``rotation``
         rotates queries and keys (RoPE). With ``kv_cache`` the new keys and values are appended to
         the cache and the queries attend over every cached position, so ``mask`` must cover the
-        cached and new keys. ``token_index`` (self-attention only: the flat indices of the real
-        tokens in batch * q_len) projects those tokens only. The padding positions' queries, keys,
-        values and outputs are then zero, so ``mask`` must hide padding keys.
+        cached and new keys.
         """
         source = hidden if memory is None else memory
-        if token_index is not None and memory is None:
-            projected_queries, projected_keys, projected_values = self.project_real_tokens(hidden, token_index)
-            queries = self.split_heads(projected_queries, self.n_heads)
-            keys = self.split_heads(projected_keys, self.n_kv_heads)
-            values = self.split_heads(projected_values, self.n_kv_heads)
-        else:
-            token_index = None
-            queries = self.split_heads(self.q_proj(hidden), self.n_heads)  # (batch, heads, q_len, d_head)
-            keys = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (batch, kv_heads, new_len, d_head)
-            values = self.split_heads(self.v_proj(source), self.n_kv_heads)
+        queries = self.split_heads(self.q_proj(hidden), self.n_heads)  # (batch, heads, q_len, d_head)
+        keys = self.split_heads(self.k_proj(source), self.n_kv_heads)  # (batch, kv_heads, new_len, d_head)
+        values = self.split_heads(self.v_proj(source), self.n_kv_heads)
 
         if rotation is not None:
             queries = rotation.apply(queries)
@@ -270,19 +260,33 @@ class MultiHeadAttention(nn.Module):
         )
         batch, _, q_len, _ = context.shape
         context = context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head)
-        if token_index is None:
-            return self.out_proj(context), attn_weights
-        real_output = self.out_proj(context.reshape(batch * q_len, -1).index_select(0, token_index))
-        output = real_output.new_zeros(batch * q_len, real_output.size(-1)).index_copy_(0, token_index, real_output)
-        return output.view(batch, q_len, -1), attn_weights
+        return self.out_proj(context), attn_weights
 
-    def project_real_tokens(self, hidden: torch.Tensor, token_index: torch.Tensor) -> list[torch.Tensor]:
-        """Return the query, key and value projections (batch, seq, width) of the real tokens, zero at padding."""
-        batch, seq, d_model = hidden.shape
-        real = hidden.reshape(batch * seq, d_model).index_select(0, token_index)  # (n_real, d_model)
-        projections = []
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            packed = projection(real)
-            full = packed.new_zeros(batch * seq, packed.size(-1)).index_copy_(0, token_index, packed)
-            projections.append(full.view(batch, seq, -1))
-        return projections
+    def forward_packed(
+        self, packed: torch.Tensor, token_index: torch.Tensor, shape: tuple[int, int], mask: torch.Tensor,
+        return_weights: bool = False,
+    ):
+        """Self-attend over the real tokens of a padded batch; returns ``(output (n_real, d_model), weights or None)``.
+
+        ``packed`` (n_real, d_model) contains the real tokens of a (batch, seq) = ``shape`` batch, in the
+        order of ``token_index``, their flat indices in batch * seq. The projections run on the
+        real tokens. Attention runs in the padded layout, where padding positions have zero queries,
+        keys and values and ``mask`` must hide the padding keys.
+        """
+        batch, seq = shape
+        padded = []
+        for projection, n_heads in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads), (self.v_proj, self.n_kv_heads)):
+            projected = projection(packed)  # (n_real, n_heads * d_head)
+            full = projected.new_zeros(batch * seq, projected.size(-1)).index_copy_(0, token_index, projected)
+            padded.append(self.split_heads(full.view(batch, seq, -1), n_heads))
+        queries, keys, values = padded
+        if self.n_kv_heads != self.n_heads:
+            group_size = self.n_heads // self.n_kv_heads
+            keys = keys.repeat_interleave(group_size, dim=1)
+            values = values.repeat_interleave(group_size, dim=1)
+        context, attn_weights = scaled_dot_product_attention(
+            queries, keys, values, mask=mask, causal=self.causal, window=self.window, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0, backend=self.backend, return_weights=return_weights,
+        )
+        context = context.transpose(1, 2).reshape(batch * seq, self.n_heads * self.d_head)
+        return self.out_proj(context.index_select(0, token_index)), attn_weights

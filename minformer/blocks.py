@@ -118,7 +118,6 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         moe_stats: list | None = None,
         memory_kv_cache: LayerKVCache | None = None,
-        token_index: torch.Tensor | None = None,
     ):
         """Run the block on (batch, seq, d_model); returns ``(hidden, self-attention weights or None)``.
 
@@ -126,17 +125,12 @@ class TransformerBlock(nn.Module):
         block appends its ``MoEStats`` to ``moe_stats`` when that list is given.
         ``memory_kv_cache`` reaches the cross-attention: it stores the keys and values of ``memory``,
         so a later call may pass an empty (batch, 0, d_model) ``memory`` and reuse them.
-        ``token_index`` (the flat indices of the real tokens in batch * seq) runs the self-attention
-        projections and the dense feed-forward sub-layer on those tokens only. ``mask`` must then
-        hide padding keys. Outputs at padding positions are not those of the full computation, and
-        no real token reads them.
         """
         weights = []
 
         def self_attention(normed):
             output, attn_weights = self.attn(
-                normed, mask=mask, return_weights=return_weights, bias=bias, rotation=rotation, kv_cache=kv_cache,
-                token_index=token_index,
+                normed, mask=mask, return_weights=return_weights, bias=bias, rotation=rotation, kv_cache=kv_cache
             )
             weights.append(attn_weights)
             return output
@@ -146,13 +140,30 @@ class TransformerBlock(nn.Module):
             hidden = self.residual(
                 hidden, self.cross_norm, lambda normed: self.cross_attn(normed, memory=memory, mask=memory_mask, kv_cache=memory_kv_cache)[0]
             )
-        if token_index is None or isinstance(self.ffn, MoEFeedForward):
-            hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
-        else:
-            flat = hidden.reshape(-1, hidden.size(-1))  # (batch * seq, d_model)
-            real = self.residual(flat.index_select(0, token_index), self.ffn_norm, self.ffn)  # (n_real, d_model)
-            hidden = flat.index_copy(0, token_index, real).view_as(hidden)
+        hidden = self.residual(hidden, self.ffn_norm, lambda normed: self.feed_forward(normed, moe_stats))
         return hidden, weights[0]
+
+    def forward_packed(
+        self, packed: torch.Tensor, token_index: torch.Tensor, shape: tuple[int, int], mask: torch.Tensor,
+        return_weights: bool = False,
+    ):
+        """Run an encoder block on the real tokens only; returns ``(packed, self-attention weights or None)``.
+
+        ``packed`` (n_real, d_model) contains the real tokens of a (batch, seq) = ``shape`` batch, in the
+        order of ``token_index``, their flat indices in batch * seq. Only attention needs the padded
+        layout: ``mask`` hides the padding keys there. Every other operation acts on one token at a
+        time, so it skips padding. Blocks with cross-attention or mixture-of-experts layers use ``forward``.
+        """
+        weights = []
+
+        def self_attention(normed):
+            output, attn_weights = self.attn.forward_packed(normed, token_index, shape, mask, return_weights)
+            weights.append(attn_weights)
+            return output
+
+        packed = self.residual(packed, self.attn_norm, self_attention)
+        packed = self.residual(packed, self.ffn_norm, self.ffn)
+        return packed, weights[0]
 
     def feed_forward(self, normed: torch.Tensor, moe_stats: list | None) -> torch.Tensor:
         """Apply the feed-forward sub-layer, collecting a mixture of experts' stats into ``moe_stats``."""

@@ -180,3 +180,23 @@ def test_inference_skips_padding_same_outputs():
 
     torch.testing.assert_close(packed[real], full[real], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(packed).all()
+
+
+def test_inference_skips_padding_same_attentions():
+    config = BERTConfig(vocab_size=50, max_seq_len=12, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0,
+                        attention_backend="naive")
+    torch.manual_seed(0)
+    model = BERT(config).eval()
+    input_ids = torch.randint(1, 50, (2, 12))
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+
+    with torch.enable_grad():
+        full = model(input_ids, attention_mask=attention_mask, return_attentions=True).attentions
+    with torch.inference_mode():
+        packed = model(input_ids, attention_mask=attention_mask, return_attentions=True).attentions
+
+    real_rows = attention_mask.bool()[:, None, :, None]  # (batch, 1, query, 1)
+    for full_layer, packed_layer in zip(full, packed):
+        assert packed_layer.shape == full_layer.shape
+        torch.testing.assert_close(packed_layer * real_rows, full_layer.detach() * real_rows, rtol=1e-5, atol=1e-6)

@@ -217,9 +217,18 @@ class BERT(nn.Module):
         mask = padding_mask(attention_mask) if attention_mask is not None else None  # (batch, 1, 1, seq)
         token_index = real_token_index(attention_mask) if mask is not None else None
         attentions = []
-        for block in self.blocks:
-            hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions, token_index=token_index)
-            attentions.append(attn_weights)
+        if token_index is None:
+            for block in self.blocks:
+                hidden, attn_weights = block(hidden, mask=mask, return_weights=return_attentions)
+                attentions.append(attn_weights)
+        else:
+            batch, seq, d_model = hidden.shape
+            packed = hidden.reshape(batch * seq, d_model).index_select(0, token_index)  # (n_real, d_model)
+            for block in self.blocks:
+                packed, attn_weights = block.forward_packed(packed, token_index, (batch, seq), mask, return_attentions)
+                attentions.append(attn_weights)
+            # Padding positions come out as zeros; no real token depends on them.
+            hidden = packed.new_zeros(batch * seq, d_model).index_copy_(0, token_index, packed).view(batch, seq, d_model)
 
         pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None  # (batch, d_model)
         return BERTOutput(hidden_states=hidden, pooled_output=pooled, attentions=attentions if return_attentions else None)
@@ -228,8 +237,9 @@ class BERT(nn.Module):
 def real_token_index(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Return the flat indices of the real tokens of ``attention_mask`` (batch, seq) for inference, else None.
 
-    Without gradients, the attention projections and feed-forward sub-layers then skip padding. Training keeps the full computation, so that gradients stay those of
-    the plain model; under ``torch.compile`` the data-dependent index would split the graph.
+    Without gradients, every layer then runs on the real tokens only, except attention itself.
+    Training keeps the full computation, so that gradients stay those of the plain model; under
+    ``torch.compile`` the data-dependent index would split the graph.
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None

@@ -154,6 +154,8 @@ class TransformerBlock(nn.Module):
         layout: ``mask`` hides the padding keys there. Every other operation acts on one token at a
         time, so it skips padding. Blocks with cross-attention or mixture-of-experts layers use ``forward``.
         """
+        if self.cross_attn is not None or isinstance(self.ffn, MoEFeedForward):
+            raise ValueError("forward_packed runs encoder blocks with a dense feed-forward only; call forward instead.")
         weights = []
 
         def self_attention(normed):

@@ -200,3 +200,13 @@ def test_inference_skips_padding_same_attentions():
     for full_layer, packed_layer in zip(full, packed):
         assert packed_layer.shape == full_layer.shape
         torch.testing.assert_close(packed_layer * real_rows, full_layer.detach() * real_rows, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_packed_rejects_cross_attention_block():
+    from minformer.blocks import TransformerBlock
+    from minformer.models.t5 import T5Config
+
+    block = TransformerBlock(T5Config(vocab_size=10, d_model=16, n_heads=2, d_head=8, d_ff=32).block_config(decoder=True))
+
+    with pytest.raises(ValueError, match="dense feed-forward only"):
+        block.forward_packed(torch.zeros(3, 16), torch.arange(3), (1, 3), None)

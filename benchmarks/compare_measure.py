@@ -3,8 +3,8 @@
 The machine's limits are measured, not looked up. The matrix-multiply peak is the median rate of
 a large square ``torch.matmul`` in fp32 and in bf16. The memory bandwidth is the faster of two
 median read rates over a tensor much larger than the caches (a sum and a matrix-vector product,
-each reading every byte once). Every row reports its
-achieved rate against one of these limits (the roofline).
+each reading every byte once). Every row reports its achieved rate against one of these limits
+(the roofline).
 """
 
 from __future__ import annotations

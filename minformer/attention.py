@@ -240,6 +240,20 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             keys, values = kv_cache.append(keys, values)  # (batch, kv_heads, k_len, d_head)
 
+        context, attn_weights = self.attend(
+            queries, keys, values, mask, self_attention=memory is None, return_weights=return_weights, bias=bias
+        )
+        return self.out_proj(context), attn_weights
+
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+        self_attention: bool, return_weights: bool, bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend with split heads; returns the context (batch, q_len, n_heads * d_head) and the weights or None.
+
+        Key and value heads are repeated to the query heads (grouped-query attention). The causal
+        mask and the sliding window apply to self-attention only.
+        """
         if self.n_kv_heads != self.n_heads:
             group_size = self.n_heads // self.n_kv_heads
             keys = keys.repeat_interleave(group_size, dim=1)  # (batch, heads, k_len, d_head)
@@ -250,8 +264,8 @@ class MultiHeadAttention(nn.Module):
             keys,
             values,
             mask=mask,
-            causal=self.causal and memory is None,
-            window=self.window if memory is None else None,
+            causal=self.causal and self_attention,
+            window=self.window if self_attention else None,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
@@ -259,8 +273,7 @@ class MultiHeadAttention(nn.Module):
             bias=bias,
         )
         batch, _, q_len, _ = context.shape
-        context = context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head)
-        return self.out_proj(context), attn_weights
+        return context.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_head), attn_weights
 
     def forward_packed(
         self, packed: torch.Tensor, token_index: torch.Tensor, shape: tuple[int, int], mask: torch.Tensor,
@@ -280,13 +293,6 @@ class MultiHeadAttention(nn.Module):
             full = projected.new_zeros(batch * seq, projected.size(-1)).index_copy_(0, token_index, projected)
             padded.append(self.split_heads(full.view(batch, seq, -1), n_heads))
         queries, keys, values = padded
-        if self.n_kv_heads != self.n_heads:
-            group_size = self.n_heads // self.n_kv_heads
-            keys = keys.repeat_interleave(group_size, dim=1)
-            values = values.repeat_interleave(group_size, dim=1)
-        context, attn_weights = scaled_dot_product_attention(
-            queries, keys, values, mask=mask, causal=self.causal, window=self.window, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend, return_weights=return_weights,
-        )
-        context = context.transpose(1, 2).reshape(batch * seq, self.n_heads * self.d_head)
+        context, attn_weights = self.attend(queries, keys, values, mask, self_attention=True, return_weights=return_weights)
+        context = context.reshape(batch * seq, self.n_heads * self.d_head)
         return self.out_proj(context.index_select(0, token_index)), attn_weights

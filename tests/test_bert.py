@@ -163,7 +163,7 @@ def test_classification_labels_out_of_range_raise():
 
 
 def test_inference_skips_padding_same_outputs():
-    """Without gradients the feed-forward layers run on real tokens only; real positions must not change."""
+    """Without gradients every layer but attention runs on the real tokens only; real positions must not change."""
     config = BERTConfig(vocab_size=50, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
     torch.manual_seed(0)
     model = BERT(config).eval()

@@ -45,7 +45,7 @@ def test_single_row_bf16_matches_f_linear(bias):
     torch.testing.assert_close(output.float(), reference, rtol=2e-2, atol=2e-2)
 
 
-def test_single_row_under_autocast_keeps_autocast_dtype():
+def test_autocast_single_row_keeps_dtype():
     layer = Linear(16, 8)
     hidden = torch.randn(1, 16)
 

@@ -128,7 +128,7 @@ def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask
     the cache from it). Otherwise it runs only the ``n_new`` newest tokens against the cache.
     """
     max_seq_len = model.config.max_seq_len
-    if kv_cache is None or kv_cache.length + n_new > max_seq_len:
+    if kv_cache is None or kv_cache.length + n_new > min(max_seq_len, kv_cache.max_len):
         if kv_cache is not None:
             kv_cache.reset()
         inputs = tokens[:, -max_seq_len:]
@@ -229,7 +229,10 @@ def generate_sequences(
 
     was_training = model.training
     model.eval()
-    kv_cache = KVCache.for_model(model, batch) if use_cache else None
+    # The cache needs room for the prompt and every generated token but the last, never more than
+    # the model's window; a shorter cache is less memory to allocate and to keep.
+    cache_len = min(model.config.max_seq_len, prompt_len + max(max_new_tokens, 1))
+    kv_cache = KVCache.for_model(model, batch, max_len=cache_len) if use_cache else None
     forward_model = compiled_for_generation(model) if compile else model
     n_unseen = prompt_len
     # inference_mode, unlike no_grad, also skips autograd's version counters and view tracking.
@@ -276,12 +279,11 @@ def update_finished(
         if bool(finished[row]):
             continue
         new_token_counts[row] += 1
-        generated = tokens[row, prompt_len:].tolist()
         if eos_tensor.numel() and bool((eos_tensor == last_token[row]).any()):
             finish_reasons[row] = "eos"
-        elif stop_token_sequences and ends_with_sequence(generated, stop_token_sequences):
+        elif stop_token_sequences and ends_with_sequence(tokens[row, prompt_len:].tolist(), stop_token_sequences):
             finish_reasons[row] = "stop"
-        elif stop and find_stop_string(decode(generated), stop) >= 0:
+        elif stop and find_stop_string(decode(tokens[row, prompt_len:].tolist()), stop) >= 0:
             finish_reasons[row] = "stop"
         else:
             continue

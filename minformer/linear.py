@@ -19,16 +19,17 @@ class Linear(nn.Linear):
     """
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
         # One row has exactly in_features numbers; F.linear rejects any other last dimension anyway.
         if (
-            hidden.numel() == self.in_features
+            hidden.numel() == weight.size(1)
+            and hidden.is_cpu
+            and hidden.dtype == weight.dtype
             and hidden.dim() >= 1
-            and hidden.device.type == "cpu"
-            and hidden.dtype == self.weight.dtype
             and not torch.is_autocast_enabled("cpu")
         ):
-            output = torch.mv(self.weight, hidden.reshape(-1))
-            if self.bias is not None:
-                output = output + self.bias
-            return output.reshape(*hidden.shape[:-1], self.out_features)
-        return F.linear(hidden, self.weight, self.bias)
+            vector = hidden.reshape(-1)
+            # addmv adds the bias inside the same kernel call; decoding runs this 73 times per GPT-2 token.
+            output = torch.mv(weight, vector) if self.bias is None else torch.addmv(self.bias, weight, vector)
+            return output.view(*hidden.shape[:-1], weight.size(0))
+        return F.linear(hidden, weight, self.bias)

@@ -352,9 +352,11 @@ class GPT(nn.Module):
         # Reading the ids' range back as Python ints splits a torch.compile graph in two, so compiled
         # code skips this check and relies on the embedding lookup, which also rejects such ids.
         checks_ids = input_ids.numel() and not torch.compiler.is_compiling()
-        if checks_ids and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
-            raise ValueError(f"Token id {bad} is outside the vocabulary of vocab_size={self.config.vocab_size}.")
+        if checks_ids:
+            lowest, highest = (int(value) for value in torch.aminmax(input_ids))
+            if lowest < 0 or highest >= self.config.vocab_size:
+                bad = highest if highest >= self.config.vocab_size else lowest
+                raise ValueError(f"Token id {bad} is outside the vocabulary of vocab_size={self.config.vocab_size}.")
         expected_mask_shape = (input_ids.size(0), past_len + input_ids.size(1))
         if attention_mask is not None and tuple(attention_mask.shape) != expected_mask_shape:
             raise ValueError(

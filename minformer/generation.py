@@ -137,7 +137,9 @@ def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask
         inputs = tokens[:, -n_new:]
         mask = token_mask[:, -(kv_cache.length + n_new) :]  # (batch, cached + new)
     position_ids = positions_from_mask(mask)[:, -inputs.size(1) :]
-    output = model(inputs, attention_mask=mask if pass_mask else None, position_ids=position_ids, kv_cache=kv_cache)
+    output = model(
+        inputs, attention_mask=mask if pass_mask else None, position_ids=position_ids, kv_cache=kv_cache, logits_to_keep=1
+    )
     return output.logits[:, -1, :].float()
 
 

@@ -90,7 +90,7 @@ class CountingModel(torch.nn.Module):
         self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.anchor = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
         following = (input_ids + 1) % self.config.vocab_size
         return SimpleNamespace(logits=torch.nn.functional.one_hot(following, self.config.vocab_size).float() * 10)
 
@@ -102,7 +102,7 @@ class ConstantModel(CountingModel):
         super().__init__(vocab_size=len(logits))
         self.fixed_logits = torch.tensor(logits)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
         return SimpleNamespace(logits=self.fixed_logits.expand(*input_ids.shape, -1))
 
 

@@ -275,3 +275,29 @@ def test_float_token_ids_are_rejected():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match="integer token ids"):
         model(torch.zeros(1, 4))
+
+
+def test_logits_to_keep_returns_the_last_positions_of_the_full_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)).eval()
+    input_ids = torch.randint(0, 37, (3, 9))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        for keep in (1, 4, 9):
+            kept = model(input_ids, logits_to_keep=keep).logits
+            assert kept.shape == (3, keep, 37)
+            torch.testing.assert_close(kept, full[:, -keep:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
+def test_invalid_logits_to_keep_is_named(value):
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=1, n_heads=4))
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=value)
+
+
+def test_logits_to_keep_with_targets_raises():
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=1, n_heads=4))
+    input_ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits_to_keep must be 0 when targets"):
+        model(input_ids, targets=input_ids, logits_to_keep=1)

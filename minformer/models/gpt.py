@@ -372,6 +372,7 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_attentions: bool = False,
         kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Return next-token logits for ``input_ids`` (batch, seq).
 
@@ -383,8 +384,16 @@ class GPT(nn.Module):
         and ``position_ids`` (batch or 1, seq) default to cached, cached + 1, .... Learned,
         sinusoidal and rotary positions read ``position_ids``. ALiBi and T5 biases depend on
         distances between indices only, which left padding does not change.
+
+        ``logits_to_keep`` > 0 computes logits for the last ``logits_to_keep`` positions only
+        (batch, logits_to_keep, vocab). Generation needs the last position alone, and for a prompt
+        the output layer over every position would cost seq times the work and memory.
         """
         self.check_inputs(input_ids, attention_mask, kv_cache)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid; it must be an integer >= 0 (0 keeps every position).")
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep must be 0 when targets are given: the loss needs the logits of every position.")
         past_len = kv_cache.length if kv_cache is not None else 0
         seq_len = input_ids.size(1)
         if position_ids is None:
@@ -417,8 +426,10 @@ class GPT(nn.Module):
             attentions.append(attn_weights)
             if layer_moe_stats:
                 moe_stats[layer_index] = layer_moe_stats[0]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         hidden = self.final_norm(hidden)
-        logits = self.lm_head(hidden)  # (batch, seq, vocab)
+        logits = self.lm_head(hidden)  # (batch, seq or logits_to_keep, vocab)
 
         loss = None
         if targets is not None:

@@ -39,7 +39,7 @@ import torch  # noqa: E402  (after the path inserts)
 
 import compare_growth as growth  # noqa: E402
 import compare_workloads as workloads  # noqa: E402
-from compare_measure import GEMM_FP32, Row, format_table, measure_machine  # noqa: E402
+from compare_measure import GEMM_FP32, Row, format_bounds, format_table, measure_machine  # noqa: E402
 
 WORKLOADS = ("gpt-train", "generation", "bert", "t5-train", "moe", "growth")
 
@@ -105,7 +105,9 @@ def run_workloads(names: list[str], settings: workloads.Settings) -> tuple[list[
         elif name == "t5-train":
             pair = workloads.t5_training_pair(settings)
             # The bf16 and compile targets are set for the GPT workloads only.
-            rows += workloads.training_rows(pair, settings, workloads.TARGETS["t5_train"], variants=False)
+            t5_rows = workloads.training_rows(pair, settings, workloads.TARGETS["t5_train"], variants=False)
+            workloads.add_matrix_product_bound(t5_rows[0], pair, settings)
+            rows += t5_rows
         elif name == "moe":
             rows += moe_rows(settings)
         elif name == "growth":
@@ -140,6 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_report(command: str, machine, rows: list[Row], growth_records: dict, seconds: dict, plots: list) -> str:
     lines = [f"Command: `{command}`", "", machine.describe(), allocator_description(), "", format_table(rows, machine)]
+    bounds = format_bounds(rows)
+    if bounds:
+        lines += ["", bounds]
     if growth_records:
         lines += ["", "Training tokens/s against width (fp32, 6 layers, context 256, batch 8):", ""]
         lines.append(growth.format_width_table(growth_records["width"]))

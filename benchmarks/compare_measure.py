@@ -173,6 +173,8 @@ class Row:
     """Finding of the correctness check, such as the loss difference or the share of tokens that agree."""
     status: str = "ok"
     """ok, or FAILED / n/a / skipped followed by the reason; a row that is not ok prints no speed."""
+    bound: str = ""
+    """A limit on this row measured in the same run (what the row's kernels alone take), printed under the table."""
 
     @property
     def ratio(self) -> float | None:
@@ -257,3 +259,11 @@ def format_table(rows: list[Row], machine: Machine) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_bounds(rows: list[Row]) -> str:
+    """Return the measured bounds of the rows that have one, as a list under a heading; empty when none has."""
+    lines = [f"- {row.workload}, against {row.peer_name}: {row.bound}" for row in rows if row.bound and row.status == "ok"]
+    if not lines:
+        return ""
+    return "\n".join(["Bounds measured in this run, from the kernels each row cannot avoid:", "", *lines])

@@ -26,7 +26,7 @@ import transformers
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-from compare_measure import BANDWIDTH, GEMM_BF16, GEMM_FP32, Row, median_seconds_interleaved
+from compare_measure import BANDWIDTH, GEMM_BF16, GEMM_FP32, Row, median_seconds, median_seconds_interleaved
 from minformer.generation import generate
 from minformer.interop import to_hf
 from minformer.models.bert import BERT, BERTConfig
@@ -140,6 +140,62 @@ def time_training(
     peer_step, peer_losses = training_step(pair.peer, pair.peer_loss, pair.batch, autocast, compile)
     ours_seconds, peer_seconds = median_seconds_interleaved([ours_step, peer_step], settings.warmup, settings.repeats)
     return ours_seconds, peer_seconds, ours_losses, peer_losses
+
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+"""The matrix-product kernels a training step calls; none of them calls another."""
+
+
+def recorded_matrix_products(step: Callable[[], None]) -> list[tuple[str, list[list[int]]]]:
+    """Run ``step`` once under the profiler; return the name and input shapes of each matrix product it ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+        step()
+    # Scalar arguments (addmm's beta and alpha) are recorded with the empty shape; only the matrices matter.
+    return [
+        (event.name, [shape for shape in event.input_shapes if shape])
+        for event in profiler.events()
+        if event.name in MATRIX_PRODUCTS
+    ]
+
+
+def replay_seconds(products: list[tuple[str, list[list[int]]]], settings: Settings) -> float:
+    """Return the median seconds of running ``products`` again, one after another, on random contiguous operands."""
+    generator = torch.Generator().manual_seed(0)
+    calls = []
+    for name, shapes in products:
+        function = getattr(torch, name.removeprefix("aten::"))
+        operands = [torch.randn(shape, generator=generator) for shape in shapes]
+        calls.append((function, operands))
+
+    def replay() -> None:
+        for function, operands in calls:
+            function(*operands)
+
+    return median_seconds(replay, settings.warmup, settings.repeats)
+
+
+def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -> None:
+    """Set ``row.bound``: the share of the peer's training step that its matrix products alone take.
+
+    The products are recorded from one peer step (names and shapes) and replayed without anything
+    else. minformer runs the same products (same layers, same shapes), so whatever lead it can
+    have comes from the rest of the step: the bound says how little of that rest a target allows.
+    """
+    if row.status != "ok" or not row.peer or row.target is None:
+        return
+    peer_step, _ = training_step(pair.peer, pair.peer_loss, pair.batch, None, False)
+    peer_step()  # the first step builds the optimizer state, which later steps do not
+    products = recorded_matrix_products(peer_step)
+    product_seconds = replay_seconds(products, settings)
+    peer_seconds = pair.tokens_per_step / row.peer
+    ours_seconds = pair.tokens_per_step / row.ours
+    allowed = peer_seconds / row.target - product_seconds
+    row.bound = (
+        f"the peer's {len(products)} matrix products per step, replayed alone, take {product_seconds:.3f} s of its "
+        f"{peer_seconds:.3f} s step ({product_seconds / peer_seconds:.0%}); minformer runs the same products, so "
+        f"{row.target:.2f}x needs the rest of its step within {max(allowed, 0.0):.3f} s, against "
+        f"{peer_seconds - product_seconds:.3f} s for the peer and {ours_seconds - product_seconds:.3f} s for minformer now"
+    )
 
 
 def step_zero_losses(pair: TrainingPair, autocast: torch.dtype | None) -> tuple[float, float]:
@@ -378,6 +434,40 @@ def decode_bytes_per_token(model: GPT, mean_context: int, element_size: int) -> 
     return float((weights + kv_cache) * element_size)
 
 
+def weights_alone_seconds(model: GPT, settings: Settings) -> float:
+    """Return the median seconds of one decoded token's matrix-vector products and nothing else.
+
+    Every linear layer of ``model`` multiplies one random vector, in the order a decoded token
+    meets them, with the kernels ``minformer.linear.Linear`` calls (``torch.addmv``, ``torch.mv``).
+    Attention over the cache, norms, the embedding lookup and all dispatch are left out, so no
+    decoder that uses these kernels produces a token faster than this.
+    """
+    generator = torch.Generator().manual_seed(0)
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    vectors = [torch.randn(layer.in_features, generator=generator).to(layer.weight.dtype) for layer in layers]
+
+    def products() -> None:
+        for layer, vector in zip(layers, vectors):
+            if layer.bias is None:
+                torch.mv(layer.weight, vector)
+            else:
+                torch.addmv(layer.bias, layer.weight, vector)
+
+    with torch.inference_mode():
+        return median_seconds(products, settings.warmup, 5 * settings.generation_repeats)
+
+
+def set_weights_alone_bound(row: Row, seconds: float) -> None:
+    """Set ``row.bound`` from the time of the weight matrices' products alone (``weights_alone_seconds``)."""
+    best_rate = 1.0 / seconds
+    row.bound = (
+        f"the matrix-vector products alone (each weight matrix times one vector, nothing else) take "
+        f"{1000 * seconds:.1f} ms per token, so no decoder on these kernels exceeds {best_rate:.1f} new tokens/s, "
+        f"{best_rate / row.peer:.2f}x the peer; minformer spends {1000 / row.ours - 1000 * seconds:.1f} ms per token "
+        "on everything else (prefill, attention, norms, dispatch)"
+    )
+
+
 def greedy_ours(model: GPT, prompt: torch.Tensor, new_tokens: int, compile: bool = False) -> torch.Tensor:
     return generate(model, prompt, new_tokens, temperature=0, use_cache=True, compile=compile)
 
@@ -428,6 +518,7 @@ def generation_rows(settings: Settings) -> list[Row]:
     )
     row.ours = new_tokens / ours_seconds
     row.peer = new_tokens / peer_seconds
+    set_weights_alone_bound(row, weights_alone_seconds(ours, settings))
     rows = [row]
     rows += bf16_generation_rows(ours, peer, prompt, new_tokens, ours_tokens, row.peer, mean_context, settings)
     if settings.compile:
@@ -465,6 +556,9 @@ def bf16_generation_rows(ours, peer, prompt, new_tokens, fp32_tokens, peer_fp32_
         row.check = f"greedy tokens equal to fp32: {100 * ours_share:.0f}% (transformers {100 * peer_share:.0f}%)"
     rows[0].peer = peer_fp32_rate
     rows[1].peer = new_tokens / peer_seconds
+    bf16_seconds = weights_alone_seconds(ours_bf16, settings)
+    for row in rows:
+        set_weights_alone_bound(row, bf16_seconds)
     return rows
 
 

@@ -56,10 +56,32 @@ def test_gpt_training_rows_pass_checks(settings):
 
 
 def test_t5_training_row_passes_check(settings):
-    rows = workloads.training_rows(workloads.t5_training_pair(settings), settings, workloads.TARGETS["t5_train"], variants=False)
+    pair = workloads.t5_training_pair(settings)
+    rows = workloads.training_rows(pair, settings, workloads.TARGETS["t5_train"], variants=False)
 
     assert_measured(rows)
     assert len(rows) == 1
+    workloads.add_matrix_product_bound(rows[0], pair, settings)
+    assert "matrix products per step" in rows[0].bound
+
+
+def test_matrix_products_of_a_linear_training_step_are_recorded():
+    """One linear layer's training step runs three products: x W^T + b forward, and one each for dx and dW."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    inputs = torch.randn(5, 4, requires_grad=True)  # without a gradient for x, backward skips dx
+
+    def step():
+        layer.zero_grad()
+        layer(inputs).square().sum().backward()
+
+    products = workloads.recorded_matrix_products(step)
+
+    assert sorted(name for name, _ in products) == ["aten::addmm", "aten::mm", "aten::mm"]
+    forward_shapes = [shapes for name, shapes in products if name == "aten::addmm"][0]
+    assert forward_shapes == [[3], [5, 4], [4, 3]]
+    backward_shapes = sorted(shapes for name, shapes in products if name == "aten::mm")
+    assert backward_shapes == sorted([[[5, 3], [3, 4]], [[3, 5], [5, 4]]])
 
 
 def test_bert_inference_row_passes_check(settings):
@@ -74,6 +96,9 @@ def test_generation_rows_agree_on_greedy_tokens(settings):
 
     assert_measured(rows)
     assert rows[0].check == "greedy tokens equal: 8/8"
+    for row in rows:
+        if row.status == "ok":
+            assert "ms per token" in row.bound and "x the peer" in row.bound
 
 
 def test_mismatched_peer_fails_row(settings, monkeypatch):

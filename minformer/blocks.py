@@ -107,9 +107,11 @@ class TransformerBlock(nn.Module):
         return norm(hidden + self.branch_dropout(sublayer(hidden)))
 
     def branch_dropout(self, branch: torch.Tensor) -> torch.Tensor:
-        # Dropout is the identity outside training; skipping the module call saves its dispatch,
-        # which a decoding step pays twice per block.
-        return self.resid_dropout(branch) if self.training else branch
+        # An inactive dropout is the identity; skipping the module call saves its dispatch, which a
+        # decoding step pays twice per block. The module's own flag decides, not the block's, so
+        # that Monte Carlo dropout (model.eval(), then the Dropout modules alone in train mode) works.
+        dropout = self.resid_dropout
+        return dropout(branch) if dropout.training and dropout.p > 0 else branch
 
     def forward(
         self,

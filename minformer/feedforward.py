@@ -49,6 +49,6 @@ class FeedForward(nn.Module):
             inner = self.act(self.fc_gate(hidden)) * self.fc_in(hidden)
         else:
             inner = self.act(self.fc_in(hidden))
-        if self.training:  # dropout is the identity otherwise; skipping the call saves its dispatch
+        if self.dropout.training and self.dropout.p > 0:  # otherwise the identity; skipping saves the dispatch
             inner = self.dropout(inner)
         return self.fc_out(inner)

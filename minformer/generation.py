@@ -18,6 +18,7 @@ crosses the threshold is kept, so the set is never empty.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -120,7 +121,13 @@ class GenerationOutput:
     finish_reasons: list[str]
 
 
-def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask: bool) -> torch.Tensor:
+def takes_logits_to_keep(model) -> bool:
+    """Return whether ``model``'s forward accepts ``logits_to_keep`` (minformer's GPT does; a stub may not)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask: bool, last_only: bool) -> torch.Tensor:
     """Run the model on what it has not seen yet and return the (batch, vocab) float32 logits of the last position.
 
     Without a cache, or when the cache cannot take ``n_new`` more positions within
@@ -137,9 +144,9 @@ def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask
         inputs = tokens[:, -n_new:]
         mask = token_mask[:, -(kv_cache.length + n_new) :]  # (batch, cached + new)
     position_ids = positions_from_mask(mask)[:, -inputs.size(1) :]
-    output = model(
-        inputs, attention_mask=mask if pass_mask else None, position_ids=position_ids, kv_cache=kv_cache, logits_to_keep=1
-    )
+    # Only the last position's logits are used, so a model that can skip the others is asked to.
+    options = {"logits_to_keep": 1} if last_only else {}
+    output = model(inputs, attention_mask=mask if pass_mask else None, position_ids=position_ids, kv_cache=kv_cache, **options)
     return output.logits[:, -1, :].float()
 
 
@@ -236,13 +243,14 @@ def generate_sequences(
     cache_len = min(model.config.max_seq_len, prompt_len + max(max_new_tokens, 1))
     kv_cache = KVCache.for_model(model, batch, max_len=cache_len) if use_cache else None
     forward_model = compiled_for_generation(model) if compile else model
+    last_only = takes_logits_to_keep(model)
     n_unseen = prompt_len
     # inference_mode, unlike no_grad, also skips autograd's version counters and view tracking.
     try:
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 logits = next_token_logits(
-                    forward_model, tokens, token_mask, kv_cache, n_unseen, attention_mask is not None
+                    forward_model, tokens, token_mask, kv_cache, n_unseen, attention_mask is not None, last_only
                 )
                 if repetition_penalty != 1.0:
                     logits = apply_repetition_penalty(logits, tokens, repetition_penalty, token_mask)

@@ -20,12 +20,16 @@ class Linear(nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        # One row has exactly in_features numbers; F.linear rejects any other last dimension anyway.
+        in_features = weight.size(1)
+        # One row: the last dimension is in_features and every other dimension is 1. A layer without
+        # inputs (in_features 0) goes to F.linear, since its row count cannot be read from numel.
         if (
-            hidden.numel() == weight.size(1)
+            in_features > 0
+            and hidden.numel() == in_features
+            and hidden.dim() >= 1
+            and hidden.size(-1) == in_features
             and hidden.is_cpu
             and hidden.dtype == weight.dtype
-            and hidden.dim() >= 1
             and not torch.is_autocast_enabled("cpu")
         ):
             vector = hidden.reshape(-1)

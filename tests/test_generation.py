@@ -90,7 +90,7 @@ class CountingModel(torch.nn.Module):
         self.config = SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_seq_len)
         self.anchor = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         following = (input_ids + 1) % self.config.vocab_size
         return SimpleNamespace(logits=torch.nn.functional.one_hot(following, self.config.vocab_size).float() * 10)
 
@@ -102,7 +102,7 @@ class ConstantModel(CountingModel):
         super().__init__(vocab_size=len(logits))
         self.fixed_logits = torch.tensor(logits)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         return SimpleNamespace(logits=self.fixed_logits.expand(*input_ids.shape, -1))
 
 
@@ -325,3 +325,27 @@ def test_non_finite_temperature_rejected(temperature):
     model = GPT(GPTConfig(vocab_size=11, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
     with pytest.raises(ValueError, match="temperature"):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, temperature=temperature)
+
+
+class LastLogitsModel(CountingModel):
+    """A stub that accepts ``logits_to_keep`` and records the value of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
+        self.kept.append(logits_to_keep)
+        logits = super().forward(input_ids).logits
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_generation_asks_for_last_logits_only_when_the_model_takes_it():
+    prompt = torch.tensor([[1, 2, 3]])
+    model = LastLogitsModel()
+
+    tokens = generate(model, prompt, 4, temperature=0, use_cache=False)
+
+    assert model.kept == [1, 1, 1, 1]
+    # The stub without the argument (CountingModel) decodes the same tokens.
+    assert torch.equal(tokens, generate(CountingModel(), prompt, 4, temperature=0, use_cache=False))

@@ -301,3 +301,24 @@ def test_logits_to_keep_with_targets_raises():
     input_ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="logits_to_keep must be 0 when targets"):
         model(input_ids, targets=input_ids, logits_to_keep=1)
+
+
+def test_monte_carlo_dropout_works_with_the_model_in_eval_mode():
+    """model.eval() with only the Dropout modules switched back to train mode still drops (MC dropout)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, dropout=0.5)).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module is not model.embed_dropout:
+            module.train()
+    input_ids = torch.randint(0, 37, (1, 6))
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(input_ids).logits
+        torch.manual_seed(2)
+        second = model(input_ids).logits
+        model.eval()
+        deterministic = model(input_ids).logits
+
+    assert not torch.allclose(first, second)
+    assert torch.equal(deterministic, model(input_ids).logits.detach())

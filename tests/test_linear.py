@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from minformer.linear import Linear
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @settings(max_examples=30, deadline=None)
 @given(
-    in_features=st.integers(1, 40),
-    out_features=st.integers(1, 40),
-    leading=st.sampled_from([(), (1,), (1, 1), (2,), (1, 3), (2, 2)]),
+    in_features=st.integers(0, 40),
+    out_features=st.integers(0, 40),
+    leading=st.sampled_from([(), (1,), (1, 1), (2,), (3, 1), (1, 3), (2, 2)]),
     bias=st.booleans(),
 )
 def test_linear_matches_f_linear_fp32(in_features, out_features, leading, bias):
@@ -28,6 +29,21 @@ def test_linear_matches_f_linear_fp32(in_features, out_features, leading, bias):
 
     assert output.shape == expected.shape
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("out_features", [5, 0])
+def test_input_of_in_features_numbers_but_wrong_width_raises(out_features):
+    """A (2, 4) input holds 8 numbers, like one row of Linear(8, ...), but its rows are 4 wide."""
+    layer = Linear(8, out_features)
+    hidden = torch.randn(2, 4)
+
+    with pytest.raises(RuntimeError) as expected:
+        F.linear(hidden, layer.weight, layer.bias)
+    with pytest.raises(RuntimeError) as raised:
+        layer(hidden)
+
+    assert str(raised.value) == str(expected.value)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -155,6 +155,23 @@ def test_dropout_inert_in_eval_and_active_in_training():
     assert not torch.allclose(trained, first)
 
 
+def test_feed_forward_dropout_alone_in_train_mode_drops():
+    """Monte Carlo dropout on the feed-forward activations only: the model in eval mode, those Dropouts in train."""
+    model = small_model(dropout=0.3).eval()
+    for block in [*model.encoder.blocks, *model.decoder.blocks]:
+        block.ffn.dropout.train()
+    input_ids, attention_mask = source_batch()
+    decoder_input_ids = torch.tensor([[0, 4, 9], [0, 3, 5]])
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(input_ids, attention_mask, decoder_input_ids).logits
+        torch.manual_seed(2)
+        second = model(input_ids, attention_mask, decoder_input_ids).logits
+
+    assert not torch.allclose(first, second)
+
+
 # ---- cached decoding ----------------------------------------------------------------------------
 
 

@@ -112,12 +112,16 @@ class TrainingPair:
     flops_per_token: float
 
 
+OPTIMIZER_SETTINGS = {"lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.99)}
+"""AdamW settings of every timed training step, on both sides."""
+
+
 def training_step(
     model: torch.nn.Module, loss_fn, batch: dict, autocast: torch.dtype | None, compile: bool
 ) -> tuple[Callable[[], None], list[float]]:
     """Return one training step on a fresh copy of ``model`` and the list each step appends its loss to."""
     model = copy.deepcopy(model).train()
-    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.99))
+    optimizer = build_optimizer(model, **OPTIMIZER_SETTINGS)
     forward_model = torch.compile(model) if compile else model
     losses: list[float] = []
 
@@ -175,11 +179,12 @@ def replay_seconds(products: list[tuple[str, list[list[int]]]], settings: Settin
 
 
 def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -> None:
-    """Set ``row.bound``: the share of the peer's training step that its matrix products alone take.
+    """Set ``row.bound``: the share of the peer's training step that its matrix products and AdamW take.
 
     The products are recorded from one peer step (names and shapes) and replayed without anything
-    else. minformer runs the same products (same layers, same shapes), so whatever lead it can
-    have comes from the rest of the step: the bound says how little of that rest a target allows.
+    else; the optimizer update is timed alone. minformer runs the same products (same layers, same
+    shapes) and the same fused AdamW, so whatever lead it can have comes from the rest of the step:
+    the bound says how little of that rest a target allows.
     """
     if row.status != "ok" or not row.peer or row.target is None:
         return
@@ -187,15 +192,25 @@ def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -
     peer_step()  # the first step builds the optimizer state, which later steps do not
     products = recorded_matrix_products(peer_step)
     product_seconds = replay_seconds(products, settings)
+    fixed = product_seconds + optimizer_seconds(pair, settings)
     peer_seconds = pair.tokens_per_step / row.peer
     ours_seconds = pair.tokens_per_step / row.ours
-    allowed = peer_seconds / row.target - product_seconds
+    allowed = peer_seconds / row.target - fixed
     row.bound = (
-        f"the peer's {len(products)} matrix products per step, replayed alone, take {product_seconds:.3f} s of its "
-        f"{peer_seconds:.3f} s step ({product_seconds / peer_seconds:.0%}); minformer runs the same products, so "
-        f"{row.target:.2f}x needs the rest of its step within {max(allowed, 0.0):.3f} s, against "
-        f"{peer_seconds - product_seconds:.3f} s for the peer and {ours_seconds - product_seconds:.3f} s for minformer now"
+        f"the peer's {len(products)} matrix products per step, replayed alone, and its AdamW update take "
+        f"{product_seconds:.3f} s and {fixed - product_seconds:.3f} s of its {peer_seconds:.3f} s step "
+        f"({fixed / peer_seconds:.0%}); minformer runs the same products and the same update, so {row.target:.2f}x "
+        f"needs everything else in its step within {max(allowed, 0.0):.3f} s, against {peer_seconds - fixed:.3f} s "
+        f"for the peer and {ours_seconds - fixed:.3f} s for minformer now"
     )
+
+
+def optimizer_seconds(pair: TrainingPair, settings: Settings) -> float:
+    """Return the median seconds of the peer's AdamW update alone, with the gradients of one step in place."""
+    model = copy.deepcopy(pair.peer).train()
+    optimizer = build_optimizer(model, **OPTIMIZER_SETTINGS)
+    pair.peer_loss(model, pair.batch).backward()
+    return median_seconds(optimizer.step, settings.warmup, settings.repeats)
 
 
 def step_zero_losses(pair: TrainingPair, autocast: torch.dtype | None) -> tuple[float, float]:

@@ -87,26 +87,6 @@ def test_single_row_gradients_match_f_linear():
     torch.testing.assert_close(grads[2], layer.bias.grad)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_compiled_row_product_operator_passes_opcheck(bias):
-    """The operator torch.compile calls: its fake (shape) function and its gradients agree with the kernel."""
-    from minformer.linear import compiled_row_product
-
-    torch.manual_seed(0)
-    weight = torch.randn(7, 5, requires_grad=True)
-    vector = torch.randn(5, requires_grad=True)
-    bias_tensor = torch.randn(7, requires_grad=True) if bias else None
-
-    torch.library.opcheck(compiled_row_product, (weight, vector, bias_tensor))
-    output = compiled_row_product(weight, vector, bias_tensor)
-    expected = F.linear(vector, weight, bias_tensor)
-    torch.testing.assert_close(output, expected)
-    gradients = torch.autograd.grad(output.square().sum(), [weight, vector])
-    expected_gradients = torch.autograd.grad(expected.square().sum(), [weight, vector])
-    for got, want in zip(gradients, expected_gradients):
-        torch.testing.assert_close(got, want)
-
-
 def test_compiled_single_row_matches_f_linear():
     torch.manual_seed(0)
     layer = Linear(12, 5)

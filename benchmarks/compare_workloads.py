@@ -184,7 +184,7 @@ def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -
     The products are recorded from one peer step (names and shapes) and replayed without anything
     else; the optimizer update is timed alone. minformer runs the same products (same layers, same
     shapes) and the same fused AdamW, so whatever lead it can have comes from the rest of the step:
-    the bound says how little of that rest a target allows.
+    the bound gives how little of that rest a target allows.
     """
     if row.status != "ok" or not row.peer or row.target is None:
         return

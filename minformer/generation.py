@@ -238,8 +238,8 @@ def generate_sequences(
 
     was_training = model.training
     model.eval()
-    # The cache needs room for the prompt and every generated token but the last, never more than
-    # the model's window; a shorter cache is less memory to allocate and to keep.
+    # The cache needs room for the prompt and every generated token but the last. It never needs
+    # more than the model's window, and a shorter cache is less memory to allocate.
     cache_len = min(model.config.max_seq_len, prompt_len + max(max_new_tokens, 1))
     kv_cache = KVCache.for_model(model, batch, max_len=cache_len) if use_cache else None
     forward_model = compiled_for_generation(model) if compile else model

@@ -332,20 +332,20 @@ class LastLogitsModel(CountingModel):
 
     def __init__(self):
         super().__init__()
-        self.kept = []
+        self.logits_to_keep_calls = []
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, logits_to_keep=0):
-        self.kept.append(logits_to_keep)
+        self.logits_to_keep_calls.append(logits_to_keep)
         logits = super().forward(input_ids).logits
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
-def test_generation_asks_for_last_logits_only_when_the_model_takes_it():
+def test_generate_asks_last_logits_only():
     prompt = torch.tensor([[1, 2, 3]])
     model = LastLogitsModel()
 
     tokens = generate(model, prompt, 4, temperature=0, use_cache=False)
 
-    assert model.kept == [1, 1, 1, 1]
+    assert model.logits_to_keep_calls == [1, 1, 1, 1]
     # The stub without the argument (CountingModel) decodes the same tokens.
     assert torch.equal(tokens, generate(CountingModel(), prompt, 4, temperature=0, use_cache=False))

@@ -277,16 +277,16 @@ def test_float_token_ids_are_rejected():
         model(torch.zeros(1, 4))
 
 
-def test_logits_to_keep_returns_the_last_positions_of_the_full_logits():
+def test_logits_to_keep_slices_full_logits():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=2, n_heads=4)).eval()
     input_ids = torch.randint(0, 37, (3, 9))
     with torch.no_grad():
         full = model(input_ids).logits
         for keep in (1, 4, 9):
-            kept = model(input_ids, logits_to_keep=keep).logits
-            assert kept.shape == (3, keep, 37)
-            torch.testing.assert_close(kept, full[:, -keep:], rtol=1e-5, atol=1e-6)
+            last_logits = model(input_ids, logits_to_keep=keep).logits
+            assert last_logits.shape == (3, keep, 37)
+            torch.testing.assert_close(last_logits, full[:, -keep:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "2"])
@@ -303,7 +303,7 @@ def test_logits_to_keep_with_targets_raises():
         model(input_ids, targets=input_ids, logits_to_keep=1)
 
 
-def test_monte_carlo_dropout_works_with_the_model_in_eval_mode():
+def test_monte_carlo_dropout_in_eval():
     """model.eval() with only the Dropout modules switched back to train mode still drops (MC dropout)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, dropout=0.5)).eval()

@@ -33,8 +33,8 @@ def test_linear_matches_f_linear_fp32(in_features, out_features, leading, bias):
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @pytest.mark.parametrize("out_features", [5, 0])
-def test_input_of_in_features_numbers_but_wrong_width_raises(out_features):
-    """A (2, 4) input holds 8 numbers, like one row of Linear(8, ...), but its rows are 4 wide."""
+def test_wrong_width_row_raises(out_features):
+    """A (2, 4) input has 8 numbers, like one row of Linear(8, ...), but its rows are 4 wide."""
     layer = Linear(8, out_features)
     hidden = torch.randn(2, 4)
 

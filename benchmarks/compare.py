@@ -146,9 +146,10 @@ def build_report(command: str, machine, rows: list[Row], growth_records: dict, s
     if bounds:
         lines += ["", bounds]
     if growth_records:
-        lines += ["", "Training tokens/s against width (fp32, 6 layers, context 256, batch 8):", ""]
+        lines += ["", f"Training tokens/s against width (fp32, {growth.width_shape(growth_records['width'])}):", ""]
         lines.append(growth.format_width_table(growth_records["width"]))
-        lines += ["", "Decoding time per token against context length (minformer, fp32, 6 layers, width 384):", ""]
+        context_shape = growth.context_shape(growth_records["context"])
+        lines += ["", f"Decoding time per token against context length (minformer, fp32, {context_shape}):", ""]
         lines.append(growth.format_context_table(growth_records["context"]))
     for path in plots:
         lines.append(f"\nPlot: {path}")

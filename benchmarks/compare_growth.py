@@ -37,7 +37,10 @@ def width_growth(settings: Settings) -> list[dict]:
             batch_size = 8
         pair = gpt_pair_for_config(config, batch_size, settings, "GPT training")
         ours_loss, peer_loss = step_zero_losses(pair, None)
-        record = {"width": width, "parameters": pair.ours.num_parameters(), "ours": None, "peer": None, "status": "ok"}
+        record = {
+            "width": width, "parameters": pair.ours.num_parameters(), "ours": None, "peer": None, "status": "ok",
+            "layers": config.n_layers, "context": config.max_seq_len, "batch": batch_size,
+        }
         if relative_difference(ours_loss, peer_loss) > LOSS_TOLERANCE:
             record["status"] = f"FAILED: step-0 losses {ours_loss:.5f} and {peer_loss:.5f} differ"
             records.append(record)
@@ -95,11 +98,25 @@ def context_growth(settings: Settings) -> list[dict]:
         records.append(
             {
                 "context": context,
+                "layers": config.n_layers,
+                "width": config.d_model,
                 "cached_ms": 1000 * cached_step_seconds(model, context, repeats),
                 "uncached_ms": 1000 * uncached_step_seconds(model, context, repeats),
             }
         )
     return records
+
+
+def width_shape(records: list[dict]) -> str:
+    """Return the fixed part of the width sweep's shape, such as "6 layers, context 256, batch 8"."""
+    first = records[0]
+    return f"{first['layers']} layer{'s' if first['layers'] != 1 else ''}, context {first['context']}, batch {first['batch']}"
+
+
+def context_shape(records: list[dict]) -> str:
+    """Return the fixed part of the context sweep's shape, such as "6 layers, width 384"."""
+    first = records[0]
+    return f"{first['layers']} layer{'s' if first['layers'] != 1 else ''}, width {first['width']}"
 
 
 def format_width_table(records: list[dict]) -> str:
@@ -144,7 +161,7 @@ def plot_growth(width_records: list[dict], context_records: list[dict], director
     widths = [record["width"] for record in measured]
     axes.plot(widths, [record["ours"] for record in measured], marker="o", label="minformer")
     axes.plot(widths, [record["peer"] for record in measured], marker="s", label="transformers")
-    axes.set_xlabel("model width (d_model), 6 layers, context 256, batch 8")
+    axes.set_xlabel(f"model width (d_model), {width_shape(width_records)}")
     axes.set_ylabel("training tokens/s (fp32)")
     axes.set_yscale("log")
     axes.legend()

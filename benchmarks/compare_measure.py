@@ -100,7 +100,8 @@ class Machine:
         """Return the one-paragraph description printed above the table."""
         bf16_peak = f"{self.gemm_bf16 / 1e9:.0f} GFLOP/s" if self.gemm_bf16 else f"n/a ({self.bf16_reason})"
         return (
-            f"machine: {self.cores} cores, {self.threads} torch threads, {self.cpu}, torch {self.torch_version}; "
+            f"machine: {self.cores} cores, {self.threads} torch thread{'s' if self.threads != 1 else ''}, "
+            f"{self.cpu}, torch {self.torch_version}; "
             f"bf16 instructions: {self.bf16_reason if self.bf16 else 'none'}\n"
             f"measured limits: fp32 matmul {self.gemm_fp32 / 1e9:.0f} GFLOP/s, bf16 matmul {bf16_peak}, "
             f"memory read bandwidth {self.bandwidth / 1e9:.1f} GB/s"
@@ -121,7 +122,7 @@ def read_bandwidth(n_bytes: int, repeats: int) -> float:
 
     The two reads are a sum and a matrix-vector product (the kernel of batch-1 decoding). Each
     reads every byte once. The faster is the tighter lower bound on the machine's bandwidth:
-    on a 2-core x86 machine, the sum read 21 to 27 GB/s and the product 31 to 32 GB/s.
+    on a 2-core x86 machine, the sum read 21 to 27 GB/s and the product 31 to 33 GB/s.
     """
     values = torch.ones(n_bytes // 4)
     columns = 4096
@@ -169,6 +170,10 @@ class Row:
     """FLOPs (or bytes, for decoding) behind one unit of the rate, for the roofline columns."""
     roofline: str | None = None
     """Measured limit the achieved rate is compared with: GEMM_FP32, GEMM_BF16 or BANDWIDTH."""
+    peer_work_per_unit: float | None = None
+    """The peer's work per unit where it differs from minformer's (the peer decodes fp32 weights in a bf16 row)."""
+    peer_roofline: str | None = None
+    """The peer's limit where it differs from minformer's (the peer trains in fp32 in a bf16 row)."""
     check: str = ""
     """Finding of the correctness check, such as the loss difference or the share of tokens that agree."""
     status: str = "ok"
@@ -195,6 +200,15 @@ class Row:
         if achieved is None or not limit:
             return None
         return achieved / limit
+
+    def peer_roofline_fraction(self, machine: Machine) -> float | None:
+        """Return the peer's achieved rate as a fraction of the limit of the precision the peer runs in."""
+        work = self.peer_work_per_unit or self.work_per_unit
+        roofline = self.peer_roofline or self.roofline
+        limit = machine.limit(roofline) if roofline else None
+        if self.peer is None or work is None or not limit:
+            return None
+        return self.peer * work / limit
 
     def target_met(self, machine: Machine) -> str:
         """Return yes or no: the ratio reaches its target, or minformer reaches 90% of the roofline."""
@@ -254,7 +268,7 @@ def format_table(rows: list[Row], machine: Machine) -> str:
             format_achieved(row.achieved(row.ours), row.roofline),
             row.roofline or "",
             format_fraction(row.roofline_fraction(machine, row.ours)),
-            format_fraction(row.roofline_fraction(machine, row.peer)),
+            format_fraction(row.peer_roofline_fraction(machine)),
             row.check,
         ]
         lines.append("| " + " | ".join(cells) + " |")

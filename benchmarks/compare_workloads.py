@@ -198,10 +198,10 @@ def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -
     allowed = peer_seconds / row.target - fixed
     row.bound = (
         f"the peer's {len(products)} matrix products per step, replayed alone, and its AdamW update take "
-        f"{product_seconds:.3f} s and {fixed - product_seconds:.3f} s of its {peer_seconds:.3f} s step "
+        f"{product_seconds:.3g} s and {fixed - product_seconds:.3g} s of its {peer_seconds:.3g} s step "
         f"({fixed / peer_seconds:.0%}); minformer runs the same products and the same update, so {row.target:.2f}x "
-        f"needs everything else in its step within {max(allowed, 0.0):.3f} s, against {peer_seconds - fixed:.3f} s "
-        f"for the peer and {ours_seconds - fixed:.3f} s for minformer now"
+        f"needs everything else in its step within {max(allowed, 0.0):.3g} s, against {peer_seconds - fixed:.3g} s "
+        f"for the peer and {ours_seconds - fixed:.3g} s for minformer now"
     )
 
 
@@ -250,7 +250,7 @@ def bf16_training_rows(
     """Return minformer's bf16-autocast rate against transformers' fp32 and bf16-autocast rates."""
     against_fp32 = Row(
         pair.name + ", bf16 autocast", "tokens/s", peer_name="transformers fp32", target=TARGETS["bf16_vs_fp32"],
-        work_per_unit=pair.flops_per_token, roofline=GEMM_BF16,
+        work_per_unit=pair.flops_per_token, roofline=GEMM_BF16, peer_roofline=GEMM_FP32,
     )
     against_bf16 = Row(
         pair.name + ", bf16 autocast", "tokens/s", peer_name="transformers bf16", target=TARGETS["bf16_vs_bf16"],
@@ -477,8 +477,8 @@ def set_weights_alone_bound(row: Row, seconds: float) -> None:
     best_rate = 1.0 / seconds
     row.bound = (
         f"the matrix-vector products alone (each weight matrix times one vector, nothing else) take "
-        f"{1000 * seconds:.1f} ms per token, so no decoder on these kernels exceeds {best_rate:.1f} new tokens/s, "
-        f"{best_rate / row.peer:.2f}x the peer; minformer spends {1000 / row.ours - 1000 * seconds:.1f} ms per token "
+        f"{1000 * seconds:.3g} ms per token, so no decoder on these kernels exceeds {best_rate:,.1f} new tokens/s, "
+        f"{best_rate / row.peer:.2f}x the peer; minformer spends {1000 / row.ours - 1000 * seconds:.3g} ms per token "
         "on everything else (prefill, attention, norms, dispatch)"
     )
 
@@ -570,6 +570,7 @@ def bf16_generation_rows(ours, peer, prompt, new_tokens, fp32_tokens, peer_fp32_
         row.roofline = BANDWIDTH
         row.check = f"greedy tokens equal to fp32: {100 * ours_share:.0f}% (transformers {100 * peer_share:.0f}%)"
     rows[0].peer = peer_fp32_rate
+    rows[0].peer_work_per_unit = decode_bytes_per_token(ours, mean_context, 4)  # the peer reads fp32 weights
     rows[1].peer = new_tokens / peer_seconds
     bf16_seconds = weights_alone_seconds(ours_bf16, settings)
     for row in rows:

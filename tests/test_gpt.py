@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -322,3 +323,20 @@ def test_monte_carlo_dropout_in_eval():
 
     assert not torch.allclose(first, second)
     assert torch.equal(deterministic, model(input_ids).logits.detach())
+
+
+@pytest.mark.parametrize("value", [np.int64(2), torch.tensor(2)])
+def test_logits_to_keep_takes_integer_types(value):
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=1, n_heads=4))
+
+    logits = model(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=value).logits
+
+    assert logits.shape == (1, 2, 37)
+
+
+def test_logits_to_keep_above_length_keeps_all():
+    model = GPT(GPTConfig(vocab_size=37, max_seq_len=16, d_model=32, n_layers=1, n_heads=4))
+
+    logits = model(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=9).logits
+
+    assert logits.shape == (1, 4, 37)

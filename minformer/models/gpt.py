@@ -9,6 +9,7 @@ weights ~ N(0, 0.02), and the projections that write into the residual stream sc
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -364,6 +365,19 @@ class GPT(nn.Module):
                 "(batch, seq) like input_ids, plus the cached positions when a KV cache is given."
             )
 
+    @staticmethod
+    def check_logits_to_keep(logits_to_keep) -> int:
+        """Return ``logits_to_keep`` as a Python int; raise a ``ValueError`` unless it is a whole number >= 0."""
+        try:
+            count = operator.index(logits_to_keep)  # int, NumPy integers and one-element integer tensors
+        except TypeError:
+            count = None
+        if isinstance(logits_to_keep, bool) or count is None or count < 0:
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep!r} is invalid; it must be a whole number >= 0 (0 keeps every position)."
+            )
+        return count
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -386,12 +400,12 @@ class GPT(nn.Module):
         distances between indices only, which left padding does not change.
 
         ``logits_to_keep`` > 0 computes logits for the last ``logits_to_keep`` positions only
-        (batch, logits_to_keep, vocab). Generation needs the last position alone, and for a prompt
-        the output layer over every position would cost seq times the work and memory.
+        (batch, min(logits_to_keep, seq), vocab), as slicing would. Generation needs the last
+        position alone, and for a prompt the output layer over every position would cost seq
+        times the work and memory.
         """
         self.check_inputs(input_ids, attention_mask, kv_cache)
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid; it must be an integer >= 0 (0 keeps every position).")
+        logits_to_keep = self.check_logits_to_keep(logits_to_keep)
         if logits_to_keep and targets is not None:
             raise ValueError("logits_to_keep must be 0 when targets are given: the loss needs the logits of every position.")
         past_len = kv_cache.length if kv_cache is not None else 0

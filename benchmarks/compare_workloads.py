@@ -197,11 +197,11 @@ def add_matrix_product_bound(row: Row, pair: TrainingPair, settings: Settings) -
     ours_seconds = pair.tokens_per_step / row.ours
     allowed = peer_seconds / row.target - fixed
     row.bound = (
-        f"the peer's {len(products)} matrix products per step, replayed alone, and its AdamW update take "
-        f"{product_seconds:.3g} s and {fixed - product_seconds:.3g} s of its {peer_seconds:.3g} s step "
-        f"({fixed / peer_seconds:.0%}); minformer runs the same products and the same update, so {row.target:.2f}x "
-        f"needs everything else in its step within {max(allowed, 0.0):.3g} s, against {peer_seconds - fixed:.3g} s "
-        f"for the peer and {ours_seconds - fixed:.3g} s for minformer now"
+        f"the peer's {len(products)} matrix products per step, replayed alone, take {product_seconds:.3g} s, and its "
+        f"AdamW update {fixed - product_seconds:.3g} s, of its {peer_seconds:.3g} s step ({fixed / peer_seconds:.0%}). "
+        f"minformer runs the same products and update. So {row.target:.2f}x leaves {max(allowed, 0.0):.3g} s for the "
+        f"rest of its step, against {peer_seconds - fixed:.3g} s for the peer and {ours_seconds - fixed:.3g} s for "
+        "minformer now."
     )
 
 
@@ -476,10 +476,10 @@ def set_weights_alone_bound(row: Row, seconds: float) -> None:
     """Set ``row.bound`` from the time of the weight matrices' products alone (``weights_alone_seconds``)."""
     best_rate = 1.0 / seconds
     row.bound = (
-        f"the matrix-vector products alone (each weight matrix times one vector, nothing else) take "
-        f"{1000 * seconds:.3g} ms per token, so no decoder on these kernels exceeds {best_rate:,.1f} new tokens/s, "
-        f"{best_rate / row.peer:.2f}x the peer; minformer spends {1000 / row.ours - 1000 * seconds:.3g} ms per token "
-        "on everything else (prefill, attention, norms, dispatch)"
+        f"the matrix-vector products alone (each weight matrix times one vector) take {1000 * seconds:.3g} ms per "
+        f"token. No decoder on these kernels exceeds {best_rate:,.1f} new tokens/s, {best_rate / row.peer:.2f}x the "
+        f"peer. minformer spends {1000 / row.ours - 1000 * seconds:.3g} ms per token on the rest (prefill, "
+        "attention, norms, dispatch)."
     )
 
 

@@ -107,9 +107,9 @@ class TransformerBlock(nn.Module):
         return norm(hidden + self.branch_dropout(sublayer(hidden)))
 
     def branch_dropout(self, branch: torch.Tensor) -> torch.Tensor:
-        # An inactive dropout is the identity; skipping the module call saves its dispatch, which a
-        # decoding step pays twice per block. The module's own flag decides, not the block's, so
-        # that Monte Carlo dropout (model.eval(), then the Dropout modules alone in train mode) works.
+        # An inactive dropout is the identity, so skipping the call saves its dispatch (twice per
+        # block in each decoding step). The module's own flag decides, so that Monte Carlo dropout
+        # (model.eval(), then only the Dropout modules in train mode) still drops.
         dropout = self.resid_dropout
         return dropout(branch) if dropout.training and dropout.p > 0 else branch
 

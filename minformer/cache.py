@@ -16,8 +16,8 @@ class LayerKVCache:
     """The preallocated keys and values of one attention layer, filled from position 0 up to ``length``."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, d_head: int, dtype=torch.float32, device=None):
-        # Positions at or past ``length`` are never read, so the memory is left uninitialised:
-        # zero-filling a 1,024-position cache for GPT-2 would write 75 MB per generate call.
+        # Positions at or past ``length`` are never read, so the memory is left uninitialised.
+        # Zero-filling a 1,024-position cache for GPT-2 would write 75 MB per generate call.
         self.key_cache = torch.empty(batch, n_kv_heads, max_len, d_head, dtype=dtype, device=device)
         self.value_cache = torch.empty(batch, n_kv_heads, max_len, d_head, dtype=dtype, device=device)
         self.length = 0

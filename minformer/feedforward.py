@@ -49,6 +49,7 @@ class FeedForward(nn.Module):
             inner = self.act(self.fc_gate(hidden)) * self.fc_in(hidden)
         else:
             inner = self.act(self.fc_in(hidden))
-        if self.dropout.training and self.dropout.p > 0:  # otherwise the identity; skipping saves the dispatch
+        # An inactive dropout is the identity, so skipping the call saves its dispatch.
+        if self.dropout.training and self.dropout.p > 0:
             inner = self.dropout(inner)
         return self.fc_out(inner)

@@ -13,7 +13,7 @@ from torch import nn
 
 from minformer.attention import MultiHeadAttention
 from minformer.cache import LayerKVCache
-from minformer.feedforward import FeedForward
+from minformer.feedforward import FeedForward, apply_dropout
 from minformer.moe import MoEFeedForward
 from minformer.norms import build_norm
 from minformer.positions import Rotation
@@ -103,15 +103,8 @@ class TransformerBlock(nn.Module):
     def residual(self, hidden: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
         """Apply one sub-layer with its residual connection, pre-LN or post-LN."""
         if self.pre_norm:
-            return hidden + self.branch_dropout(sublayer(norm(hidden)))
-        return norm(hidden + self.branch_dropout(sublayer(hidden)))
-
-    def branch_dropout(self, branch: torch.Tensor) -> torch.Tensor:
-        # An inactive dropout is the identity, so skipping the call saves its dispatch (twice per
-        # block in each decoding step). The module's own flag decides, so that Monte Carlo dropout
-        # (model.eval(), then only the Dropout modules in train mode) still drops.
-        dropout = self.resid_dropout
-        return dropout(branch) if dropout.training and dropout.p > 0 else branch
+            return hidden + apply_dropout(self.resid_dropout, sublayer(norm(hidden)))
+        return norm(hidden + apply_dropout(self.resid_dropout, sublayer(hidden)))
 
     def forward(
         self,

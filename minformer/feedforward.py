@@ -32,6 +32,15 @@ def activation_fn(name: str):
     raise ValueError(f"activation={name!r} is invalid; allowed values: {', '.join(ACTIVATIONS)}.")
 
 
+def apply_dropout(dropout: nn.Dropout, hidden: torch.Tensor) -> torch.Tensor:
+    """Return ``dropout(hidden)``, or ``hidden`` itself when the dropout is inactive (eval mode or rate 0).
+
+    Skipping an inactive dropout saves its dispatch in every decoding step. The module's own flag
+    decides, so Monte Carlo dropout (model.eval(), then only the Dropout modules in train mode) works.
+    """
+    return dropout(hidden) if dropout.training and dropout.p > 0 else hidden
+
+
 class FeedForward(nn.Module):
     """Two-layer MLP, or its gated form when ``activation`` is one of ``GATED_ACTIVATIONS``."""
 
@@ -49,7 +58,4 @@ class FeedForward(nn.Module):
             inner = self.act(self.fc_gate(hidden)) * self.fc_in(hidden)
         else:
             inner = self.act(self.fc_in(hidden))
-        # An inactive dropout is the identity, so skipping the call saves its dispatch.
-        if self.dropout.training and self.dropout.p > 0:
-            inner = self.dropout(inner)
-        return self.fc_out(inner)
+        return self.fc_out(apply_dropout(self.dropout, inner))

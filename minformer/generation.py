@@ -124,7 +124,9 @@ class GenerationOutput:
 def takes_logits_to_keep(model) -> bool:
     """Return whether ``model``'s forward accepts ``logits_to_keep`` (minformer's GPT does; a stub may not)."""
     parameters = inspect.signature(model.forward).parameters.values()
-    return any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(
+        parameter.name == "logits_to_keep" or parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters
+    )
 
 
 def next_token_logits(model, tokens, token_mask, kv_cache, n_new: int, pass_mask: bool, last_only: bool) -> torch.Tensor:
